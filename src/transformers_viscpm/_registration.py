@@ -1,0 +1,16 @@
+"""The one place that wires our classes into the transformers / diffusers Auto machinery."""
+
+from __future__ import annotations
+
+_DONE = False
+
+
+def register_all() -> None:
+    """Register every model family once; calling it again is a no-op."""
+    global _DONE
+    if _DONE:
+        return
+    from .models.cpmbee import register as register_cpmbee
+
+    register_cpmbee()
+    _DONE = True

@@ -1,0 +1,430 @@
+# Copyright 2025 The transformers-viscpm developers. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""CPM-Bee structured input: prompt dicts -> model tensors, and generated answers -> dicts.
+
+A CPM-Bee prompt is a dict such as `{"input": "...", "prompt": "...", "<ans>": ""}`. Every key and every
+leaf value becomes a *segment* `<s> tokens </s>` of one flat sequence; the dict tree gives each pair of
+segments a relation bucket (`segment_rel`). The leaves under the top-level `"<ans>"` key are the answers
+to generate: each becomes a placeholder segment `<s> <ans_N>` (no `</s>`) that is removed from the
+prompt and whose segment id tells generation where answer N goes.
+
+This module is the one place of that rule; it reproduces the original VisCPM `_process_list` output
+(`convert_data_to_id` + `_convert_to_tensors`) value for value, with these deliberate differences:
+
+- User text is escaped (`tokenizer.escape`) by default: keys and values are text, not markup, so
+  `a < b` encodes instead of crashing and `<b>` stays text. Pass `markup=True` for the original's raw
+  markup, or wrap single keys/values in `CpmBeeMarkup` (the image slot of VisCPM-Chat is
+  `{"image": CpmBeeMarkup("<unk>" * 64)}`, see `image_placeholder`). The top-level `"<ans>"` key and the
+  `<ans_N>` placeholders are markup of the format itself.
+- The caller's dicts are never modified.
+- `image_bound` is per row: the `<unk>` span of every `"image"` leaf of the row's samples (query first),
+  after the answer tokens are removed and shifted by the left padding; rows with fewer images get empty
+  `[0, 0)` spans. The original keeps only the last sample's bound, unshifted, computed before removing
+  the answer tokens (so it is off when `"<ans>"` precedes `"image"`), and an in-context sample replaces
+  the query's bound.
+- In-context samples keep the order of their answer dicts (the original shuffles them, a training
+  augmentation).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from transformers import BatchEncoding
+
+if TYPE_CHECKING:
+    from .tokenization_cpmbee import CpmBeeTokenizer
+
+__all__ = ["CpmBeeMarkup", "CpmBeeSampleInfo", "encode_structured", "image_placeholder"]
+
+ANSWER_KEY = "<ans>"
+IMAGE_KEY = "image"
+ROOT_MARKUP = "<root>"
+# Relation buckets count tree steps up to this depth (the original's `max_depth`).
+MAX_DEPTH = 8
+
+
+class CpmBeeMarkup(str):
+    """A key or value that is already CPM-Bee markup; the encoder passes it through unescaped."""
+
+    __slots__ = ()
+
+
+def image_placeholder(num_tokens: int, unk_token: str = "<unk>") -> CpmBeeMarkup:
+    """The `"image"` value of a VisCPM prompt: `num_tokens` `<unk>` tokens that vision features replace."""
+    return CpmBeeMarkup(unk_token * num_tokens)
+
+
+@dataclass
+class CpmBeeSampleInfo:
+    """What generation and answer fill-back need about one sample beside its tensors.
+
+    `predict_segments` lists `(segment_id, answer_id)` for each placeholder in prompt order (answer ids
+    count from 1); `answer_placeholders[answer_id - 1]` is the key path of that answer inside the
+    sample's `"<ans>"` value (`()` when `"<ans>"` is a plain string); `ext_table` maps the ids a
+    generated token can have (vocabulary ids of sub-id 0 specials, `vocab_size + k` for batch ext
+    entries) to their text, i.e. the original's `rev_ext_table`.
+    """
+
+    predict_segments: list[tuple[int, int]]
+    answer_placeholders: list[tuple[str, ...]]
+    ext_table: dict[int, str] = field(default_factory=dict)
+
+    def decode_answers(self, tokenizer: CpmBeeTokenizer, generated: Iterable[tuple[int, int]]) -> dict[int, str]:
+        """Group generated `(token_id, answer_id)` pairs per answer and decode them (trailing `</s>` dropped)."""
+        per_answer: dict[int, list[int]] = {}
+        for token_id, answer_id in generated:
+            per_answer.setdefault(int(answer_id), []).append(int(token_id))
+        texts = {}
+        for answer_id, token_ids in per_answer.items():
+            if token_ids and token_ids[-1] == tokenizer.eos_token_id:
+                token_ids = token_ids[:-1]
+            texts[answer_id] = tokenizer.decode(token_ids, ext_table=self.ext_table)
+        return texts
+
+    def fill_answers(self, data: Mapping[str, Any], answers: Mapping[int, str | None]) -> dict[str, Any]:
+        """A deep copy of `data` with each answer placeholder set to `answers[answer_id]` (None if missing)."""
+        filled = copy.deepcopy(dict(data))
+        for answer_id, path in enumerate(self.answer_placeholders, start=1):
+            text = answers.get(answer_id)
+            if not path:
+                filled[ANSWER_KEY] = text
+                continue
+            node = filled[ANSWER_KEY]
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = text
+        return filled
+
+
+@dataclass
+class _Segment:
+    markup: str
+    path: tuple[int, ...]  # segment ids from the root down to this segment
+    is_answer: bool
+    is_image: bool
+
+
+@dataclass
+class _ExtState:
+    """Unknown runs / unknown specials met so far in a row and their per-name sub-ids (shared by a row's samples)."""
+
+    table: dict[int, str] = field(default_factory=dict)
+    sub_ids: dict[str, dict[int, int]] = field(default_factory=dict)
+
+
+@dataclass
+class _EncodedSample:
+    input_ids: list[int]
+    input_id_subs: list[int]
+    raw_ids: list[int]  # ids before re-id, to recognise the answer placeholders
+    context: list[bool]
+    segment_ids: list[int]
+    segment_rel: list[int]
+    num_segments: int
+    image_spans: list[tuple[int, int]]  # token ranges of image segments (with <s>, </s>)
+
+
+def _to_markup(text: Any, tokenizer: CpmBeeTokenizer, raw: bool) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"CPM-Bee prompt keys and leaf values must be strings, got {type(text).__name__}: {text!r}")
+    return text if raw or isinstance(text, CpmBeeMarkup) else tokenizer.escape(text)
+
+
+def _segments(data: Mapping[str, Any], tokenizer: CpmBeeTokenizer, markup: bool) -> list[_Segment]:
+    """Flatten the dict tree in the original's order: root, then each key followed by its value."""
+    segments = [_Segment(ROOT_MARKUP, (0,), False, False)]
+
+    def visit(value: Any, parent: tuple[int, ...], depth: int, is_answer: bool, is_image: bool) -> None:
+        if isinstance(value, Mapping):
+            for key, child in value.items():
+                top_answer = depth == 1 and key == ANSWER_KEY
+                key_markup = key if top_answer else _to_markup(key, tokenizer, markup)
+                path = (*parent, len(segments))
+                segments.append(_Segment(key_markup, path, False, False))
+                visit(child, path, depth + 1, is_answer or top_answer, is_image or (depth == 1 and key == IMAGE_KEY))
+        else:
+            segments.append(
+                _Segment(_to_markup(value, tokenizer, markup), (*parent, len(segments)), is_answer, is_image)
+            )
+
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a CPM-Bee prompt must be a dict, got {type(data).__name__}")
+    visit(data, (0,), 1, False, False)
+    return segments
+
+
+def _relation_bucket(n_up: int, n_down: int) -> int:
+    bucket = n_up * MAX_DEPTH + n_down
+    # bucket 1 is reserved for in-context samples
+    return bucket + 1 if bucket else 0
+
+
+def _segment_relations(segments: Sequence[_Segment]) -> list[int]:
+    """Flattened (n, n) relation buckets: steps from each segment up to the common ancestor and down again."""
+    n = len(segments)
+    rel = [0] * (n * n)
+    for a, seg_a in enumerate(segments):
+        for b in range(a + 1, n):
+            path_b = segments[b].path
+            common = 0
+            for x, y in zip(seg_a.path, path_b):
+                if x != y:
+                    break
+                common += 1
+            up = min(len(seg_a.path) - common, MAX_DEPTH - 1)
+            down = min(len(path_b) - common, MAX_DEPTH - 1)
+            rel[a * n + b] = _relation_bucket(up, down)
+            rel[b * n + a] = _relation_bucket(down, up)
+    return rel
+
+
+class _BaseIds(dict):
+    """`<name>` -> vocabulary id, looked up on first use (copying the whole vocabulary costs ~7 ms a call)."""
+
+    def __init__(self, tokenizer: CpmBeeTokenizer) -> None:
+        super().__init__()
+        self._tokenizer = tokenizer
+
+    def __missing__(self, name: str) -> int:
+        idx = self._tokenizer.convert_tokens_to_ids(name)
+        if idx == self._tokenizer.unk_token_id and name != self._tokenizer.unk_token:
+            raise KeyError(name)
+        self[name] = idx
+        return idx
+
+
+def _encode_sample(
+    data: Mapping[str, Any], tokenizer: CpmBeeTokenizer, vocab: _BaseIds, state: _ExtState, markup: bool
+) -> _EncodedSample:
+    """One dict to token ids; unknown runs and unknown specials are re-id'd to their base token plus a sub-id."""
+    segments = _segments(data, tokenizer, markup)
+    out = _EncodedSample([], [], [], [], [], _segment_relations(segments), len(segments), [])
+    for segment_id, segment in enumerate(segments):
+        ids, state.table = tokenizer.encode_markup(segment.markup, state.table)
+        begin = len(out.input_ids)
+        out.input_ids.append(tokenizer.bos_token_id)
+        out.input_id_subs.append(0)
+        out.raw_ids.append(tokenizer.bos_token_id)
+        for token_id in ids:
+            out.raw_ids.append(token_id)
+            if token_id not in state.table:
+                out.input_ids.append(token_id)
+                out.input_id_subs.append(0)
+                continue
+            text = state.table[token_id]
+            name = f"<{text[1:-1].split('_', 1)[0]}>" if text.startswith("<") and text.endswith(">") else "<unk>"
+            try:
+                base_id = vocab[name]
+            except KeyError:
+                raise ValueError(f"Invalid special token {text!r}: {name} is not in the vocabulary") from None
+            subs = state.sub_ids.setdefault(name, {})
+            out.input_ids.append(base_id)
+            out.input_id_subs.append(subs.setdefault(token_id, len(subs)))
+        if not segment.is_answer:
+            out.input_ids.append(tokenizer.eos_token_id)
+            out.input_id_subs.append(0)
+            out.raw_ids.append(tokenizer.eos_token_id)
+        end = len(out.input_ids)
+        out.context.extend([not segment.is_answer] * (end - begin))
+        out.segment_ids.extend([segment_id] * (end - begin))
+        if segment.is_image:
+            out.image_spans.append((begin, end))
+    return out
+
+
+def _with_placeholders(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
+    """A copy of the query whose answer leaves are the placeholders `<ans_1>`, `<ans_2>`, ... (depth first)."""
+    if ANSWER_KEY not in data:
+        raise ValueError(f"the prompt has no {ANSWER_KEY!r} key, so there is nothing to generate: {data!r}")
+    paths: list[tuple[str, ...]] = []
+
+    def replace(value: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(value, Mapping):
+            return {key: replace(child, (*path, key)) for key, child in value.items()}
+        paths.append(path)
+        return CpmBeeMarkup(f"<ans_{len(paths)}>")
+
+    query = dict(data)
+    query[ANSWER_KEY] = replace(data[ANSWER_KEY], ())
+    if not paths:
+        raise ValueError(f"No answer to predict: the {ANSWER_KEY!r} value has no leaf: {data[ANSWER_KEY]!r}")
+    return query, paths
+
+
+@dataclass
+class _Row:
+    input_ids: list[int]
+    input_id_subs: list[int]
+    context: list[bool]
+    sample_ids: list[int]
+    num_segments: list[int]
+    segment_ids: list[int]
+    segment_rel_offset: list[int]
+    segment_rel: list[int]
+    image_bound: list[tuple[int, int]]
+
+
+def _encode_row(
+    data: Mapping[str, Any],
+    in_context_samples: Sequence[Mapping[str, Any]],
+    tokenizer: CpmBeeTokenizer,
+    vocab: _BaseIds,
+    max_length: int | None,
+    markup: bool,
+) -> tuple[_Row, list[tuple[int, int]], list[tuple[str, ...]], _ExtState]:
+    """The original `_convert_to_tensors`: the query without its answer tokens, then the in-context samples."""
+    query, placeholders = _with_placeholders(data)
+    state = _ExtState()
+    sample = _encode_sample(query, tokenizer, vocab, state, markup)
+    kept = len(sample.input_ids) if max_length is None else min(max_length, len(sample.input_ids))
+    placeholder_number = {f"<ans_{number}>": number for number in range(1, len(placeholders) + 1)}
+    answer_id = {
+        token_id: placeholder_number[text] for token_id, text in state.table.items() if text in placeholder_number
+    }
+
+    row = _Row([], [], [], [], [], [], [], list(sample.segment_rel), [])
+    predict_segments: list[tuple[int, int]] = []
+    new_position: dict[int, int] = {}
+    for i in range(kept):
+        if not sample.context[i]:
+            if sample.input_ids[i] == vocab[ANSWER_KEY]:
+                predict_segments.append((sample.segment_ids[i], answer_id[sample.raw_ids[i]]))
+            continue
+        new_position[i] = len(row.input_ids)
+        row.input_ids.append(sample.input_ids[i])
+        row.input_id_subs.append(sample.input_id_subs[i])
+        row.segment_ids.append(sample.segment_ids[i])
+    if not predict_segments:
+        raise ValueError(f"No answer to predict: max_length={max_length} cuts off every {ANSWER_KEY} placeholder")
+    for begin, end in sample.image_spans:
+        if end > kept:
+            raise ValueError(f"max_length={max_length} cuts into the {IMAGE_KEY!r} segment")
+        row.image_bound.append((new_position[begin] + 1, new_position[end - 1]))
+    length = len(row.input_ids)
+    row.context = [True] * length
+    row.sample_ids = [0] * length
+    row.num_segments = [sample.num_segments] * length
+    row.segment_rel_offset = [0] * length
+
+    for index, example in enumerate(in_context_samples, start=1):
+        encoded = _encode_sample(example, tokenizer, vocab, state, markup)
+        offset = len(row.input_ids)
+        count = len(encoded.input_ids)
+        row.image_bound.extend((offset + begin + 1, offset + end - 1) for begin, end in encoded.image_spans)
+        row.input_ids.extend(encoded.input_ids)
+        row.input_id_subs.extend(encoded.input_id_subs)
+        row.segment_ids.extend(encoded.segment_ids)
+        row.context.extend([True] * count)
+        row.sample_ids.extend([index] * count)
+        row.num_segments.extend([encoded.num_segments] * count)
+        row.segment_rel_offset.extend([len(row.segment_rel)] * count)
+        row.segment_rel.extend(encoded.segment_rel)
+    return row, predict_segments, placeholders, state
+
+
+def encode_structured(
+    tokenizer: CpmBeeTokenizer,
+    data_list: Sequence[Mapping[str, Any]],
+    *,
+    in_context_samples: Sequence[Mapping[str, Any]] | None = None,
+    max_length: int | None = None,
+    return_tensors: str | None = "pt",
+    markup: bool = False,
+) -> tuple[BatchEncoding, list[CpmBeeSampleInfo]]:
+    """Encode CPM-Bee prompt dicts into a left-padded batch (see DESIGN.md for every tensor).
+
+    Args:
+        tokenizer: a `CpmBeeTokenizer` (`encode_markup`, `escape`, `get_vocab`, bos/eos ids, `vocab_size`).
+        data_list: one prompt dict per row; each needs a top-level `"<ans>"` (a string or a nested dict of
+            strings whose leaves are the answers to generate).
+        in_context_samples: solved examples (their `"<ans>"` values filled in) appended to every row as
+            samples 1, 2, ...; they share the row's ext table.
+        max_length: keep only the first `max_length` tokens of each query before its answer tokens are
+            removed (the original `max_inp_length`); in-context samples are not cut.
+        return_tensors: `"pt"`, `"np"` or None (lists).
+        markup: treat every key and value as CPM-Bee markup (the original's behaviour) instead of text.
+
+    Returns:
+        The `BatchEncoding` and one `CpmBeeSampleInfo` per row.
+    """
+    if not data_list:
+        raise ValueError("data_list is empty")
+    vocab = _BaseIds(tokenizer)
+    samples = list(in_context_samples or [])
+    rows: list[_Row] = []
+    infos: list[CpmBeeSampleInfo] = []
+    batch_ext: dict[tuple[int, int], int] = {}
+    for data in data_list:
+        row, predict_segments, placeholders, state = _encode_row(data, samples, tokenizer, vocab, max_length, markup)
+        output_table: dict[int, str] = {}
+        for name, subs in state.sub_ids.items():
+            if name == ANSWER_KEY:
+                continue
+            for token_id, sub in subs.items():
+                if sub == 0:
+                    output_table[vocab[name]] = state.table[token_id]
+                    continue
+                output_id = batch_ext.setdefault((vocab[name], sub), tokenizer.vocab_size + len(batch_ext))
+                output_table[output_id] = state.table[token_id]
+        rows.append(row)
+        infos.append(CpmBeeSampleInfo(predict_segments, placeholders, output_table))
+
+    batch_size = len(rows)
+    length = max(len(row.input_ids) for row in rows)
+    rel_length = max(len(row.segment_rel) for row in rows)
+    max_answers = max(len(info.predict_segments) for info in infos)
+    max_images = max(len(row.image_bound) for row in rows)
+    ext_ids = np.array([token_id for token_id, _ in batch_ext], dtype=np.int64)
+    ext_subs = np.array([sub for _, sub in batch_ext], dtype=np.int64)
+
+    columns = ("input_ids", "input_id_subs", "sample_ids", "num_segments", "segment_ids", "segment_rel_offset")
+    arrays = {name: np.zeros((batch_size, length), dtype=np.int64) for name in columns}
+    arrays["position_ids"] = np.zeros((batch_size, length), dtype=np.int64)
+    arrays["context"] = np.zeros((batch_size, length), dtype=bool)
+    arrays["segment_rel"] = np.zeros((batch_size, rel_length), dtype=np.int64)
+    arrays["attention_mask"] = np.zeros((batch_size, length), dtype=np.int64)
+    arrays["ext_table_ids"] = np.tile(ext_ids, (batch_size, 1))
+    arrays["ext_table_sub"] = np.tile(ext_subs, (batch_size, 1))
+    arrays["ext_table_mask"] = np.zeros((batch_size, len(batch_ext)), dtype=bool)
+    arrays["allow_unk"] = np.zeros((batch_size,), dtype=bool)
+    arrays["answer_segment_ids"] = np.full((batch_size, max_answers), -1, dtype=np.int64)
+    if any(IMAGE_KEY in data for data in data_list):
+        arrays["image_bound"] = np.zeros((batch_size, max_images, 2), dtype=np.int64)
+
+    for b, (row, info) in enumerate(zip(rows, infos)):
+        n = len(row.input_ids)
+        pad = length - n
+        for name in columns:
+            arrays[name][b, pad:] = getattr(row, name)
+        arrays["position_ids"][b, pad:] = np.arange(n)
+        arrays["context"][b, pad:] = row.context
+        arrays["attention_mask"][b, pad:] = 1
+        arrays["segment_rel"][b, : len(row.segment_rel)] = row.segment_rel
+        for output_id in info.ext_table:
+            if output_id >= tokenizer.vocab_size:
+                arrays["ext_table_mask"][b, output_id - tokenizer.vocab_size] = True
+        arrays["allow_unk"][b] = tokenizer.unk_token_id in info.ext_table
+        arrays["answer_segment_ids"][b, : len(info.predict_segments)] = [seg for seg, _ in info.predict_segments]
+        if "image_bound" in arrays and row.image_bound:
+            arrays["image_bound"][b, : len(row.image_bound)] = np.array(row.image_bound) + pad
+
+    if return_tensors is None:
+        data = {name: array.tolist() for name, array in arrays.items()}
+        return BatchEncoding(data), infos
+    return BatchEncoding(arrays, tensor_type=return_tensors), infos

@@ -1,0 +1,430 @@
+# Copyright 2025 The transformers-viscpm developers. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""CPM-Bee generation: the original VisCPM beam search, token for token, on a transformers `Cache`.
+
+Two pieces:
+
+- [`CpmBeeExtTableLogitsProcessor`]: the per-sample rule of the original decoder. `<unk>` may only be generated
+  when the sample's ext table maps it (`allow_unk`), and an ext id `vocab_size + k` only when entry `k` of the
+  batch ext table belongs to the sample (`ext_table_mask`). It works in any transformers decoding loop;
+  `CpmBeeForCausalLM._get_logits_processor` puts it first for every `generate` call whose kwargs carry both
+  tensors (see `from_model_kwargs`). Stock beam search applies processors after `log_softmax`, where the mask
+  has the same effect.
+- [`cpmbee_beam_search`] / [`generate_answers`]: the original `VLLMCPMBeeBeamSearch._decode`. Stock beam search
+  cannot reproduce it: the original applies the masks, the repetition penalty and the temperature to the *raw*
+  logits before `log_softmax`, keeps `2 * num_beams` candidates whose EOS either finishes the hypothesis (last
+  answer) or opens the next `<ans>` segment, and scores finished hypotheses by `sum_logprobs / len ** length_penalty`
+  where `len` counts the generated `(token, answer)` pairs including the final one. Settings come from a
+  `GenerationConfig` (`num_beams`, `max_new_tokens`, `repetition_penalty`, `length_penalty`, `temperature`) plus
+  the custom field `repetition_window`.
+
+Exactly what the original penalises for repetition: the ids *fed* to the model since generation started, i.e. the
+`<s>` that opens each answer, every generated token with ext ids replaced by their base id (`<unk>` for unknown
+runs), and never EOS (the `<s>` of the next answer is fed in its place). With a window, only the last
+`repetition_window` fed ids count. The same set is penalised once per row: logits below zero are multiplied by the
+penalty, the others divided.
+
+Deliberate differences that do not change any result: logits are processed in float32 whatever the model dtype;
+the prompt runs once per sample and its cache is then repeated for the beams; rows of sentences that are finished
+keep their own (unused) state instead of copying row 0; layers without attention (`mask_modules`) simply have no
+cache entry, where the original VisCPM crashes while reordering them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, LogitsProcessor, PreTrainedConfig
+
+from .encoding_cpmbee import CpmBeeSampleInfo, encode_structured
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding
+
+    from .modeling_cpmbee import CpmBeeForCausalLM
+    from .tokenization_cpmbee import CpmBeeTokenizer
+
+__all__ = [
+    "CpmBeeBeamSearchSettings",
+    "CpmBeeExtTableLogitsProcessor",
+    "cpmbee_beam_search",
+    "generate_answers",
+]
+
+# The logit the original gives to ids a sample cannot generate (not -inf: the repetition penalty may scale it).
+MASKED_LOGIT = -10000.0
+
+# Per-token structure tensors of the prompt (DESIGN.md); the beam search extends them with every fed token.
+_STRUCTURE_KEYS = (
+    "position_ids",
+    "context",
+    "sample_ids",
+    "num_segments",
+    "segment_ids",
+    "segment_rel_offset",
+    "attention_mask",
+)
+
+
+class CpmBeeExtTableLogitsProcessor(LogitsProcessor):
+    """Masks `<unk>` and the ext-table ids that a sample cannot produce, as the original CPM-Bee decoder does.
+
+    Args:
+        allow_unk (`torch.Tensor` of shape `(batch,)`): the sample's ext table maps `<unk>` (its first unknown run).
+        ext_table_mask (`torch.Tensor` of shape `(batch, E)`): batch ext entry `k` belongs to the sample.
+        vocab_size (`int`): ids from `vocab_size` on are ext ids.
+        unk_token_id (`int`): the `<unk>` id.
+
+    Scores may have `batch * n` rows (beams, returned sequences): row `r` belongs to sample `r // n`, the layout of
+    transformers' input expansion. Masked scores are set to -10000, the original's value.
+    """
+
+    def __init__(
+        self, allow_unk: torch.Tensor, ext_table_mask: torch.Tensor, vocab_size: int, unk_token_id: int
+    ) -> None:
+        if ext_table_mask.dim() != 2 or allow_unk.shape != ext_table_mask.shape[:1]:
+            raise ValueError(
+                f"expected allow_unk (B,) and ext_table_mask (B, E), got {tuple(allow_unk.shape)} and "
+                f"{tuple(ext_table_mask.shape)}"
+            )
+        self.allow_unk = allow_unk.to(torch.bool)
+        self.ext_table_mask = ext_table_mask.to(torch.bool)
+        self.vocab_size = vocab_size
+        self.unk_token_id = unk_token_id
+
+    @classmethod
+    def from_model_kwargs(
+        cls, config: PreTrainedConfig, model_kwargs: Mapping[str, Any] | None
+    ) -> CpmBeeExtTableLogitsProcessor | None:
+        """The processor for the kwargs of a `generate` call (`allow_unk`, `ext_table_mask` of `encode_structured`),
+        or None when they do not carry both."""
+        if not model_kwargs or model_kwargs.get("allow_unk") is None or model_kwargs.get("ext_table_mask") is None:
+            return None
+        return cls(model_kwargs["allow_unk"], model_kwargs["ext_table_mask"], config.vocab_size, config.unk_token_id)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        rows, batch = scores.shape[0], self.allow_unk.shape[0]
+        if rows % batch:
+            raise ValueError(f"{rows} score rows cannot be split over the {batch} samples of the processor")
+        repeats = rows // batch
+        num_ext = self.ext_table_mask.shape[1]
+        if scores.shape[1] < self.vocab_size + num_ext:
+            raise ValueError(
+                f"scores have {scores.shape[1]} ids, expected vocab_size + E = {self.vocab_size + num_ext}"
+            )
+        blocked = torch.zeros(rows, scores.shape[1], dtype=torch.bool, device=scores.device)
+        blocked[:, self.unk_token_id] = ~self.allow_unk.to(scores.device).repeat_interleave(repeats)
+        blocked[:, self.vocab_size : self.vocab_size + num_ext] = ~self.ext_table_mask.to(
+            scores.device
+        ).repeat_interleave(repeats, dim=0)
+        return scores.masked_fill(blocked, MASKED_LOGIT)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpmBeeBeamSearchSettings:
+    """The knobs of the original beam search; unset values take the original `_decode` defaults.
+
+    `max_new_tokens` is the original's `max_length`: a hypothesis holds at most `max_new_tokens + 2` generated
+    `(token, answer)` pairs over all its answers (the original adds 1 for EOS and forces hypotheses to end one step
+    after that). A sentence stops once it has `num_beams` finished hypotheses and no running beam can beat the
+    worst of them.
+    """
+
+    num_beams: int = 3
+    max_new_tokens: int = 100
+    repetition_penalty: float = 1.0
+    repetition_window: int | None = None
+    length_penalty: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1 or self.max_new_tokens < 0:
+            raise ValueError(
+                f"need num_beams >= 1 and max_new_tokens >= 0, got {self.num_beams}, {self.max_new_tokens}"
+            )
+        if self.repetition_penalty < 1.0:
+            raise ValueError(f"repetition_penalty must be >= 1.0 (1.0: none), got {self.repetition_penalty}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.repetition_window is not None and self.repetition_window < 0:
+            raise ValueError(
+                f"repetition_window must be >= 0 (0 or None: all fed tokens), got {self.repetition_window}"
+            )
+
+    @classmethod
+    def from_generation_config(
+        cls, generation_config: GenerationConfig | None = None, **overrides: Any
+    ) -> CpmBeeBeamSearchSettings:
+        """Read the settings from `generation_config` (any unset field: the default), then apply `overrides`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown CPM-Bee beam search settings: {sorted(unknown)}; supported: {sorted(names)}")
+        if generation_config is not None and generation_config.do_sample:
+            raise ValueError("the CPM-Bee beam search is deterministic: use `model.generate` to sample")
+        values = {}
+        for name in names:
+            value = overrides[name] if name in overrides else getattr(generation_config, name, None)
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+
+class _FinishedHypotheses:
+    """The `num_beams` best finished hypotheses of one sentence, with the original's scoring and bookkeeping."""
+
+    def __init__(self, num_beams: int, length_penalty: float) -> None:
+        self.num_beams = num_beams
+        self.length_penalty = length_penalty
+        self.entries: list[tuple[float, list[tuple[int, int]]]] = []
+        self.worst_score = 1e9
+
+    def add(self, pairs: list[tuple[int, int]], sum_logprobs: float) -> None:
+        score = sum_logprobs / len(pairs) ** self.length_penalty
+        if len(self.entries) < self.num_beams or score > self.worst_score:
+            self.entries.append((score, pairs))
+            if len(self.entries) > self.num_beams:
+                ranked = sorted((s, index) for index, (s, _) in enumerate(self.entries))
+                del self.entries[ranked[0][1]]
+                self.worst_score = ranked[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs: float, step: int) -> bool:
+        if len(self.entries) < self.num_beams:
+            return False
+        return self.worst_score >= best_sum_logprobs / step**self.length_penalty
+
+    def best(self) -> list[tuple[int, int]]:
+        return max(self.entries, key=lambda entry: entry[0])[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Beam:
+    """A running hypothesis: its `(token, answer_id)` pairs and what it feeds next."""
+
+    answer_index: int
+    pairs: tuple[tuple[int, int], ...]
+    next_id: int
+    next_sub: int
+    next_segment: int
+    next_position: int
+
+
+def _apply_repetition_penalty(
+    logits: torch.Tensor, fed_ids: torch.Tensor, penalty: float, window: int | None
+) -> torch.Tensor:
+    """The original rule on `fed_ids` `(rows, n)`: each id once per row, negative logits times, others divided."""
+    if penalty == 1.0:
+        return logits
+    if window:
+        fed_ids = fed_ids[:, -window:]
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, fed_ids, True)
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+@torch.no_grad()
+def cpmbee_beam_search(
+    model: CpmBeeForCausalLM,
+    model_inputs: BatchEncoding | Mapping[str, torch.Tensor],
+    sample_infos: Sequence[CpmBeeSampleInfo],
+    generation_config: GenerationConfig | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> list[list[tuple[int, int]]]:
+    """Run the original CPM-Bee beam search and return, per sample, the best hypothesis as `(token_id, answer_id)`.
+
+    Args:
+        model: a `CpmBeeForCausalLM` (or any model with its forward contract).
+        model_inputs: the tensors of `encode_structured` (DESIGN.md), on the model's device.
+        sample_infos: the matching `CpmBeeSampleInfo`s (answer segments and ids).
+        generation_config: defaults to `model.generation_config`; see [`CpmBeeBeamSearchSettings`].
+        inputs_embeds: `(B, L, dim)` prompt embeddings to use instead of embedding `input_ids` (VisCPM-Chat puts
+            its image features there).
+        kwargs: setting overrides (`num_beams=3`, `repetition_window=...`, ...).
+
+    `token_id` is the generated id (ext ids stay `vocab_size + k`); each answer but the last of a finished
+    hypothesis ends with EOS. Decode with `CpmBeeSampleInfo.decode_answers`.
+    """
+    settings = CpmBeeBeamSearchSettings.from_generation_config(
+        generation_config if generation_config is not None else model.generation_config, **kwargs
+    )
+    config = model.config
+    beams_per_sample = settings.num_beams
+    batch = model_inputs["attention_mask"].shape[0]
+    if len(sample_infos) != batch:
+        raise ValueError(f"{len(sample_infos)} sample infos for a batch of {batch}")
+    rows = batch * beams_per_sample
+    device = model_inputs["attention_mask"].device
+    max_steps = settings.max_new_tokens + 1  # the original's `max_length`, +1 for EOS
+    eos_id, bos_id = config.eos_token_id, config.bos_token_id
+    vocab_size = config.vocab_size
+    mask_ext_and_unk = CpmBeeExtTableLogitsProcessor.from_model_kwargs(config, model_inputs)
+    if mask_ext_and_unk is None:
+        raise ValueError("model_inputs need `allow_unk` and `ext_table_mask` (see `encode_structured`)")
+
+    prompt_inputs = {key: model_inputs[key] for key in _STRUCTURE_KEYS}
+    prompt_inputs.update(
+        segment_rel=model_inputs["segment_rel"],
+        ext_table_ids=model_inputs["ext_table_ids"],
+        ext_table_sub=model_inputs["ext_table_sub"],
+    )
+    if inputs_embeds is None:
+        prompt_inputs.update(input_ids=model_inputs["input_ids"], input_id_subs=model_inputs["input_id_subs"])
+    else:
+        prompt_inputs["inputs_embeds"] = inputs_embeds
+    cache = model(**prompt_inputs, use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(beams_per_sample)
+
+    def expand(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.repeat_interleave(beams_per_sample, dim=0)
+
+    structure = {key: expand(model_inputs[key]) for key in _STRUCTURE_KEYS}
+    # A generated token sees the prompt and the earlier generated tokens and borrows the last prompt token's
+    # sample bookkeeping (`num_segments`, `segment_rel_offset`), as the original's incremental inference does.
+    generated_structure = {
+        "context": torch.zeros(rows, 1, dtype=structure["context"].dtype, device=device),
+        "sample_ids": torch.zeros(rows, 1, dtype=structure["sample_ids"].dtype, device=device),
+        "num_segments": structure["num_segments"][:, -1:],
+        "segment_rel_offset": structure["segment_rel_offset"][:, -1:],
+        "attention_mask": torch.ones(rows, 1, dtype=structure["attention_mask"].dtype, device=device),
+    }
+    segment_rel = expand(model_inputs["segment_rel"])
+    ext_table_ids = expand(model_inputs["ext_table_ids"])
+    ext_table_sub = expand(model_inputs["ext_table_sub"])
+    ext_base = model_inputs["ext_table_ids"][0].tolist()
+    ext_subs = model_inputs["ext_table_sub"][0].tolist()
+
+    answers = [info.predict_segments for info in sample_infos]
+    beams = [
+        [_Beam(0, (), bos_id, 0, answers[sample][0][0], 0) for _ in range(beams_per_sample)] for sample in range(batch)
+    ]
+    beam_scores = torch.zeros(batch, beams_per_sample, dtype=torch.float32, device=device)
+    beam_scores[:, 1:] = -1e9
+    beam_scores = beam_scores.view(-1)
+    finished = [_FinishedHypotheses(beams_per_sample, settings.length_penalty) for _ in range(batch)]
+    done = [False] * batch
+    fed_ids = torch.empty(rows, 0, dtype=torch.long, device=device)
+
+    def column(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device).view(rows, 1)
+
+    for step in range(max_steps + 1):
+        if all(done):
+            break
+        flat = [beam for sample_beams in beams for beam in sample_beams]
+        next_ids = column([beam.next_id for beam in flat])
+        fed_ids = torch.cat([fed_ids, next_ids], dim=1)
+        step_structure = dict(
+            generated_structure,
+            position_ids=column([beam.next_position for beam in flat]),
+            segment_ids=column([beam.next_segment for beam in flat]),
+        )
+        for key in _STRUCTURE_KEYS:
+            structure[key] = torch.cat([structure[key], step_structure[key].to(structure[key].dtype)], dim=1)
+        outputs = model(
+            input_ids=next_ids,
+            input_id_subs=column([beam.next_sub for beam in flat]),
+            **structure,
+            segment_rel=segment_rel,
+            ext_table_ids=ext_table_ids,
+            ext_table_sub=ext_table_sub,
+            cache=cache,
+            use_cache=True,
+        )
+        cache = outputs.cache
+        logits = mask_ext_and_unk(fed_ids, outputs.logits[:, -1, :].float())
+        logits = _apply_repetition_penalty(logits, fed_ids, settings.repetition_penalty, settings.repetition_window)
+        scores = F.log_softmax(logits / settings.temperature, dim=-1)
+        num_ids = scores.shape[-1]
+        next_scores = (scores + beam_scores[:, None]).view(batch, -1)
+        top_scores, top_ids = torch.topk(next_scores, 2 * beams_per_sample, dim=1, largest=True, sorted=True)
+        top_scores, top_ids = top_scores.tolist(), top_ids.tolist()
+
+        new_beams: list[list[tuple[_Beam, float, int]]] = []
+        for sample in range(batch):
+            done[sample] = done[sample] or finished[sample].is_done(top_scores[sample][0], step)
+            if done[sample]:
+                # Nothing of a finished sentence is used again: keep its rows as they are.
+                new_beams.append([(beam, 0.0, sample * beams_per_sample + k) for k, beam in enumerate(beams[sample])])
+                continue
+            candidates = []
+            for flat_id, score in zip(top_ids[sample], top_scores[sample]):
+                beam_id, token_id = divmod(flat_id, num_ids)
+                beam = beams[sample][beam_id]
+                answer_id = answers[sample][beam.answer_index][1]
+                pairs = (*beam.pairs, (token_id, answer_id))
+                is_last_answer = beam.answer_index + 1 == len(answers[sample])
+                if (token_id == eos_id and is_last_answer) or step == max_steps:
+                    finished[sample].add(list(pairs), score)
+                    continue
+                if token_id == eos_id:
+                    next_segment = answers[sample][beam.answer_index + 1][0]
+                    new_beam = _Beam(beam.answer_index + 1, pairs, bos_id, 0, next_segment, 0)
+                else:
+                    fed_id, fed_sub = token_id, 0
+                    if token_id >= vocab_size:
+                        fed_id, fed_sub = ext_base[token_id - vocab_size], ext_subs[token_id - vocab_size]
+                    new_beam = _Beam(
+                        beam.answer_index, pairs, fed_id, fed_sub, beam.next_segment, beam.next_position + 1
+                    )
+                candidates.append((new_beam, score, sample * beams_per_sample + beam_id))
+                if len(candidates) == beams_per_sample:
+                    break
+            new_beams.append(candidates)
+
+        if step == max_steps:
+            break
+        beams = [[beam for beam, _, _ in candidates] for candidates in new_beams]
+        beam_scores = torch.tensor(
+            [score for candidates in new_beams for _, score, _ in candidates], dtype=torch.float32, device=device
+        )
+        beam_idx = torch.tensor([row for candidates in new_beams for _, _, row in candidates], device=device)
+        cache.reorder_cache(beam_idx)
+        fed_ids = fed_ids.index_select(0, beam_idx)
+        structure = {key: value.index_select(0, beam_idx) for key, value in structure.items()}
+
+    return [hypotheses.best() for hypotheses in finished]
+
+
+def generate_answers(
+    model: CpmBeeForCausalLM,
+    tokenizer: CpmBeeTokenizer,
+    data_list: Sequence[Mapping[str, Any]],
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    max_input_length: int | None = None,
+    markup: bool = False,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Answer CPM-Bee prompt dicts: copies of `data_list` with every `<ans>` leaf filled (the original `generate`).
+
+    Answers are real text (ext ids through the sample's table, nothing re-escaped), without the trailing EOS; an
+    answer the best hypothesis never reached is `None`. `inputs_embeds` must match the encoding of `data_list` (see
+    `encode_structured`); `max_input_length` and `markup` go to the encoder, everything else to
+    [`cpmbee_beam_search`].
+    """
+    encoding, infos = encode_structured(tokenizer, data_list, max_length=max_input_length, markup=markup)
+    encoding = encoding.to(model.device)
+    results = cpmbee_beam_search(model, encoding, infos, generation_config, inputs_embeds=inputs_embeds, **kwargs)
+    return [
+        info.fill_answers(data, info.decode_answers(tokenizer, pairs))
+        for data, info, pairs in zip(data_list, infos, results)
+    ]

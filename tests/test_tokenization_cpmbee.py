@@ -1,0 +1,254 @@
+"""CpmBeeTokenizer: parity with the original VisCPM tokenizer (golden fixture), markup rules, transformers API."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transformers_viscpm.models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer, default_vocab_file, split_markup
+
+FIXTURES = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(FIXTURES / "record"))
+import corpus  # noqa: E402
+
+GOLDEN = json.loads((FIXTURES / "tokenizer_golden.json").read_text())
+VOCAB_SIZE = 86583
+PAST_TABLES = [{int(k): v for k, v in table.items()} for table in GOLDEN["past_tables"]]
+
+
+@pytest.fixture(scope="module")
+def tok() -> CpmBeeTokenizer:
+    return CpmBeeTokenizer()
+
+
+@pytest.fixture(scope="module")
+def strings() -> list[str]:
+    return corpus.markup_corpus(GOLDEN["n_strings"], GOLDEN["seed"])
+
+
+def canonical(tok: CpmBeeTokenizer, ids: list[int], ext: dict[int, str]) -> str:
+    """Same canonical form as the recorder: ids, sorted ext items, the original-style (markup) decode."""
+    decoded = tok.decode_markup(ids, ext)
+    return json.dumps([ids, sorted([k, v] for k, v in ext.items()), decoded], ensure_ascii=True, separators=(",", ":"))
+
+
+def short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def encode_or_none(encode, markup: str, past=None) -> tuple[list[int], dict[int, str]] | None:
+    try:
+        return encode(markup, past)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- golden parity with the original
+
+
+def test_fixture_matches_corpus_and_vocab(strings):
+    assert corpus.corpus_digest(strings) == GOLDEN["corpus_sha256"], "corpus.py drifted from the recorded corpus"
+    assert hashlib.sha256(Path(default_vocab_file()).read_bytes()).hexdigest() == GOLDEN["vocab_sha256"]
+    assert GOLDEN["vocab_size"] == VOCAB_SIZE
+    assert len(strings) >= 3000
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_golden_corpus(tok, strings, path):
+    encode = tok.encode_markup if path == "fast" else tok._encode_markup_reference
+    results = [encode_or_none(encode, s) for s in strings]
+    errors = [i for i, r in enumerate(results) if r is None]
+    assert errors == GOLDEN["errors"]
+    canon = [canonical(tok, *r) if r is not None else None for r in results]
+    for i, expected in GOLDEN["detailed"].items():
+        assert json.loads(canon[int(i)]) == expected, f"string {i}: {strings[int(i)]!r}"
+    mismatched = [i for i, c in enumerate(canon) if (short(c) if c is not None else "") != GOLDEN["short_digests"][i]]
+    assert mismatched == [], f"first mismatch: {strings[mismatched[0]]!r}"
+    assert hashlib.sha256("\n".join(c for c in canon if c is not None).encode()).hexdigest() == GOLDEN["digest"]
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_golden_past_tables(tok, strings, path):
+    encode = tok.encode_markup if path == "fast" else tok._encode_markup_reference
+    for i, expected in GOLDEN["chained"]:
+        _, past = encode(strings[i])
+        past_before = dict(past)
+        assert short(canonical(tok, *encode(strings[i + 1], past))) == expected, f"chained {i}"
+        assert past == past_before  # the caller's table is not mutated
+    for t, i, expected in GOLDEN["tables"]:
+        assert short(canonical(tok, *encode(strings[i], PAST_TABLES[t]))) == expected, f"table {t} string {i}"
+
+
+def test_golden_examples(tok):
+    detailed = GOLDEN["detailed"]
+    assert detailed["2"][0] == tok.encode_markup("hello world")[0] == [37466, 37791]
+    assert detailed["3"][0] == tok("今天天气不错").input_ids
+    # The original's numbering continues a past table by its count of distinct texts, even past a hole.
+    ids, ext = tok.encode_markup("𠀀<foo_1>", {86590: "x", 86583: "😀"})
+    assert ids == [VOCAB_SIZE + 2, VOCAB_SIZE + 3]
+    assert ext == {86590: "x", 86583: "😀", VOCAB_SIZE + 2: "𠀀", VOCAB_SIZE + 3: "<foo_1>"}
+
+
+def test_automaton_matches_reference_on_large_text(tok):
+    text = corpus.plain_text(300_000)
+    markup = tok.escape(text)
+    assert tok.encode_markup(markup) == tok._encode_markup_reference(markup)
+
+
+# ---------------------------------------------------------------- markup rules
+
+
+@pytest.mark.parametrize(
+    ("markup", "position"),
+    [("a < b", 2), ("x<", 1), ("<abc", 0), ("<a<b>", 2), ("1 << 2 < 3", 7), ("ok<<<", 4), ("<>", 0)],
+)
+def test_invalid_markup_names_the_position(tok, markup, position):
+    with pytest.raises(ValueError, match=f"position {position}"):
+        tok.encode_markup(markup)
+
+
+def test_split_markup():
+    assert split_markup("a<<b<ans>c<>x>d") == [
+        ("a<b", False),
+        ("<ans>", True),
+        ("c", False),
+        ("<>x>", True),
+        ("d", False),
+    ]
+    assert split_markup("<<s>") == [("<s>", False)]
+    assert split_markup("") == []
+
+
+def test_specials_and_ext_table(tok):
+    ids, ext = tok.encode_markup("<s><ans></s><foo_1>😀😀<foo_1>😀😀</n>")
+    assert ids[:3] == [6, 9, 7]
+    assert ids[3:] == [VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE + 2]
+    assert ext == {VOCAB_SIZE: "<foo_1>", VOCAB_SIZE + 1: "😀😀", VOCAB_SIZE + 2: "</n>"}
+    # Special entries are never matched inside text: the literal text "<ans>" is spelled with ordinary pieces.
+    assert 9 not in tok.encode_markup("<<ans>")[0]
+
+
+# ---------------------------------------------------------------- transformers API
+
+
+def test_special_token_ids(tok):
+    assert tok.vocab_size == len(tok) == VOCAB_SIZE
+    special_ids = [tok.pad_token_id, tok.unk_token_id, tok.mask_token_id, tok.bos_token_id, tok.eos_token_id]
+    assert special_ids == [0, 1, 2, 6, 7]
+    assert tok.convert_tokens_to_ids(["<ans>", "\n", " ", "今天"]) == [9, 4, 5, 9803]
+    assert tok.convert_ids_to_tokens([4, 5, 9803]) == ["\n", " ", "今天"]
+
+
+def test_plain_text_is_escaped_by_default(tok):
+    text = "a < b <ans> 😀"
+    ids = tok(text).input_ids
+    assert ids == tok.encode(text) == tok.encode_markup(tok.escape(text))[0]
+    assert 9 not in ids
+    assert tok.tokenize(text) == ["a", " <", " b", " <", "ans", ">", " ", "😀"]
+    assert tok.decode(ids) == text
+    assert tok.decode_markup(ids) == "a << b <<ans> 😀"  # the original's decode: markup, not text
+    assert tok("<ans>x", markup=True).input_ids == [9, tok.convert_tokens_to_ids("x")] == [9, 101]
+    with pytest.raises(ValueError, match="position 2"):
+        tok("a < b", markup=True)
+
+
+def test_decode_uses_remembered_or_given_table(tok):
+    ids = tok.encode("x 😀 y")
+    table = dict(tok.last_ext_table)
+    assert table == {VOCAB_SIZE: "😀"}
+    tok.encode("plain")
+    assert tok.last_ext_table == {}
+    assert tok.decode(ids) == "x <unk> y"  # the remembered table no longer holds the emoji
+    assert tok.decode(ids, ext_table=table) == "x 😀 y"
+    assert tok.decode([-1, *ids, -100], ext_table=table) == "x 😀 y"
+    assert tok.decode([6, *ids, 7], ext_table=table, skip_special_tokens=True) == "x 😀 y"
+    assert tok.decode([6, *ids, 7], ext_table=table) == "<s>x 😀 y</s>"
+    assert tok.decode(torch.tensor(ids), ext_table=table) == "x 😀 y"
+
+
+def test_batch_shares_one_ext_table_and_left_pads(tok):
+    texts = ["hi 😀", "yo 🙂 😀", ""]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert enc.input_ids.shape == (3, 5)  # "yo", " ", "🙂", " ", "😀"
+    assert enc.input_ids[0].tolist()[:2] == [0, 0] and enc.attention_mask[0].tolist() == [0, 0, 1, 1, 1]
+    assert enc.input_ids[2].tolist() == [0] * 5 and enc.attention_mask[2].tolist() == [0] * 5
+    assert tok.last_ext_table == {VOCAB_SIZE: "😀", VOCAB_SIZE + 1: "🙂"}
+    assert enc.input_ids[0, -1] == enc.input_ids[1, -1] == VOCAB_SIZE
+    assert tok.batch_decode(enc.input_ids, skip_special_tokens=True) == texts
+    pair = tok("😀 a", "🙂 b")
+    assert pair.input_ids == [VOCAB_SIZE, *tok.encode(" a"), VOCAB_SIZE + 1, *tok.encode(" b")]
+    continued = tok("🙂", ext_table={VOCAB_SIZE: "😀"})
+    assert continued.input_ids == [VOCAB_SIZE + 1]
+
+
+def test_save_and_reload(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "vocab.txt").read_bytes() == Path(default_vocab_file()).read_bytes()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "CpmBeeTokenizer" and config["padding_side"] == "left"
+    reloaded = CpmBeeTokenizer.from_pretrained(tmp_path)
+    text = "今天天气不错 <ans> hello 😀"
+    assert reloaded(text).input_ids == tok(text).input_ids
+    assert reloaded.all_special_ids == tok.all_special_ids
+
+
+def test_pickle_and_deepcopy(tok):
+    text = "hello 😀 世界"
+    for clone in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        assert clone.encode(text) == tok.encode(text)
+
+
+def test_structured_input_returns_model_tensors(tok):
+    from transformers_viscpm.models.cpmbee.encoding_cpmbee import encode_structured
+
+    prompt = {"input": "a < b 😀", "<ans>": ""}
+    expected, infos = encode_structured(tok, [prompt, {"input": "x", "<ans>": {"a": "", "b": ""}}])
+    batch = tok([prompt, {"input": "x", "<ans>": {"a": "", "b": ""}}], return_tensors="pt")
+    assert set(batch.keys()) == set(expected.keys())
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
+    assert [info.predict_segments for info in tok.last_sample_infos] == [info.predict_segments for info in infos]
+    assert tok.last_ext_table == infos[0].ext_table
+    assert "😀" in tok.last_ext_table.values()
+    assert batch["answer_segment_ids"].tolist()[1][1] >= 0
+
+
+# ---------------------------------------------------------------- properties
+
+TRICKY = ["<", ">", "<<", "<ans>", "<s>", "</s>", "</n>", "\n", " ", "  \t", "\r\n", "\x00", "\x7f", "😀", "𠀀"]
+any_text = st.lists(st.one_of(st.text(), st.sampled_from(TRICKY)), max_size=8).map("".join)
+any_markup = st.lists(st.one_of(st.text(alphabet="<>ab 😀今\n"), st.sampled_from(TRICKY)), max_size=8).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_text)
+def test_decode_encode_roundtrip(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert "".join(tok.tokenize(text)) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=st.characters(codec=None, exclude_categories=())))
+def test_roundtrip_with_surrogates(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_markup(tok.escape(text)) == tok._encode_markup_reference(tok.escape(text))
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_markup, st.sampled_from([None, *PAST_TABLES]))
+def test_fast_path_equals_reference_on_markup(tok, markup, past):
+    fast = encode_or_none(tok.encode_markup, markup, past)
+    assert fast == encode_or_none(tok._encode_markup_reference, markup, past)
+    if fast is not None and past is None:
+        ids, ext = fast
+        assert tok.encode_markup(tok.decode_markup(ids, ext))[0] == ids

@@ -1,0 +1,1 @@
+"""VisCPM-Chat: BEiT-3 vision tower, image processor and the CPM-Bee chat model."""

@@ -209,3 +209,10 @@ def test_settings_from_generation_config():
         CpmBeeBeamSearchSettings(repetition_penalty=0.9)
     with pytest.raises(ValueError, match="sample"):
         CpmBeeBeamSearchSettings.from_generation_config(GenerationConfig(do_sample=True))
+
+
+def test_prompt_without_answer_is_refused() -> None:
+    tokenizer = CpmBeeTokenizer()
+    model = CpmBeeForCausalLM(CpmBeeConfig(num_layers=1, dim_model=16, num_heads=2, dim_head=8, dim_ff=16)).eval()
+    with pytest.raises(ValueError, match="<ans>"):
+        generate_answers(model, tokenizer, [{"input": "no answer field"}], max_new_tokens=2)

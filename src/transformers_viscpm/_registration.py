@@ -11,6 +11,8 @@ def register_all() -> None:
     if _DONE:
         return
     from .models.cpmbee import register as register_cpmbee
+    from .pipelines.viscpm_paint import register as register_paint
 
     register_cpmbee()
+    register_paint()
     _DONE = True

@@ -249,9 +249,13 @@ def _encode_sample(
 
 
 def _with_placeholders(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
-    """A copy of the query whose answer leaves are the placeholders `<ans_1>`, `<ans_2>`, ... (depth first)."""
+    """A copy of the query whose answer leaves are the placeholders `<ans_1>`, `<ans_2>`, ... (depth first).
+
+    A prompt without `"<ans>"` has nothing to generate and is encoded as is (VisCPM-Paint encodes its
+    caption dict that way for the text encoder); generation refuses such a prompt.
+    """
     if ANSWER_KEY not in data:
-        raise ValueError(f"the prompt has no {ANSWER_KEY!r} key, so there is nothing to generate: {data!r}")
+        return dict(data), []
     paths: list[tuple[str, ...]] = []
 
     def replace(value: Any, path: tuple[str, ...]) -> Any:
@@ -310,7 +314,7 @@ def _encode_row(
         row.input_ids.append(sample.input_ids[i])
         row.input_id_subs.append(sample.input_id_subs[i])
         row.segment_ids.append(sample.segment_ids[i])
-    if not predict_segments:
+    if placeholders and not predict_segments:
         raise ValueError(f"No answer to predict: max_length={max_length} cuts off every {ANSWER_KEY} placeholder")
     for begin, end in sample.image_spans:
         if end > kept:

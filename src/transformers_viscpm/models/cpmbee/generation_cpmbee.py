@@ -312,6 +312,8 @@ def cpmbee_beam_search(
     ext_subs = model_inputs["ext_table_sub"][0].tolist()
 
     answers = [info.predict_segments for info in sample_infos]
+    if not all(answers):
+        raise ValueError('every prompt needs an "<ans>" field to generate: nothing to predict in at least one of them')
     beams = [
         [_Beam(0, (), bos_id, 0, answers[sample][0][0], 0) for _ in range(beams_per_sample)] for sample in range(batch)
     ]

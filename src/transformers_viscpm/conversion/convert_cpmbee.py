@@ -1,0 +1,233 @@
+"""Convert an original CPM-Bee checkpoint (VisCPM / cpm_live / openbmb/cpm-bee-*) into a transformers folder.
+
+The output holds ``config.json``, ``generation_config.json``, sharded safetensors named as ``CpmBeeForCausalLM``
+expects (``cpmbee.<original name>``; the lm_head is tied and not written), the tokenizer files and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from .. import __version__
+from ..models.cpmbee.configuration_cpmbee import CpmBeeConfig
+from ..models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM
+from ..models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
+from ._io import (
+    OUTPUT_DTYPES,
+    CheckpointError,
+    KeyMapping,
+    KeyRule,
+    OriginalCheckpoint,
+    TensorSpec,
+    atomic_output_dir,
+    build_meta_model,
+    check_against_expected,
+    check_output_dir,
+    expected_specs,
+    map_keys,
+    parse_dtype,
+    parse_size,
+    push_folder_to_hub,
+    require_kind,
+    resolve_output_dtype,
+    verify_safetensors_folder,
+    write_model_card,
+    write_safetensors_shards,
+)
+
+logger = logging.getLogger(__name__)
+
+_LAYER = r"encoder\.layers\.\d+\."
+# Original CPMBeeTorch names (after any `llm.` / `cpmbee.` prefix) -> names in CpmBeeForCausalLM.
+CPMBEE_KEY_TABLE: tuple[KeyRule, ...] = (
+    *(
+        KeyRule(pattern, r"cpmbee.\g<0>")
+        for pattern in (
+            r"input_embedding\.weight",
+            r"position_bias\.relative_attention_bias",
+            _LAYER + r"self_att\.layernorm_before_attention\.weight",
+            _LAYER + r"self_att\.self_attention\.project_[qkv]\.weight",
+            _LAYER + r"self_att\.self_attention\.attention_out\.weight",
+            _LAYER + r"ffn\.layernorm_before_ffn\.weight",
+            _LAYER + r"ffn\.ffn\.w_in\.w_[01]\.weight",
+            _LAYER + r"ffn\.ffn\.w_out\.weight",
+            r"encoder\.output_layernorm\.weight",
+        )
+    ),
+    KeyRule(r"lm_head\.weight", None, "the lm_head is tied to cpmbee.input_embedding.weight"),
+)
+# `llm.` wraps CPM-Bee inside a VisCPM model; `cpmbee.` is how the openbmb/cpm-bee-* remote-code repos save it.
+_SOURCE_PREFIXES = ("llm.", "cpmbee.")
+
+
+def _source_prefix(keys: Sequence[str]) -> str:
+    """The prefix every CPM-Bee key of the checkpoint carries, or ``""``."""
+    for prefix in _SOURCE_PREFIXES:
+        if any(k.startswith(prefix) for k in keys) and all(
+            k.startswith(prefix) or k == "lm_head.weight" for k in keys
+        ):
+            return prefix
+    return ""
+
+
+def _check_config_matches(mapping: KeyMapping, specs: dict[str, TensorSpec], config: CpmBeeConfig, where: str) -> None:
+    """Name a layer-count or vocabulary mismatch plainly before the key-by-key comparison."""
+    layers = {
+        int(m.group(1))
+        for target in mapping.target_to_source
+        if (m := re.match(r"cpmbee\.encoder\.layers\.(\d+)\.", target))
+    }
+    found = max(layers) + 1 if layers else 0
+    if found != config.num_layers:
+        raise CheckpointError(
+            f"{where}: the checkpoint has {found} layers but the config has num_layers={config.num_layers}"
+        )
+    embedding = mapping.target_to_source.get("cpmbee.input_embedding.weight")
+    if embedding is not None and specs[embedding].shape[0] != config.vocab_size:
+        raise CheckpointError(
+            f"{where}: {embedding!r} has {specs[embedding].shape[0]} rows but the config has "
+            f"vocab_size={config.vocab_size}"
+        )
+
+
+def _size_name(num_parameters: int) -> str:
+    """``10B`` / ``2B`` / ``5M``: how the releases name their size."""
+    if num_parameters >= 1e9:
+        return f"{num_parameters / 1e9:.0f}B"
+    return f"{max(1, round(num_parameters / 1e6))}M"
+
+
+def convert_cpmbee(
+    checkpoint: str | os.PathLike,
+    original_config_json: str | os.PathLike | dict,
+    output_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    push_to_hub: str | None = None,
+    private: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Path:
+    """Convert ``checkpoint`` (a file, or a directory of ``pytorch_model*.bin`` shards) into ``output_dir``.
+
+    ``dtype=None`` keeps the checkpoint's dtype. Nothing is written unless the whole checkpoint checks out, and
+    ``output_dir`` appears only once complete; an existing non-empty ``output_dir`` is replaced only with
+    ``overwrite``. Bad inputs raise :class:`CheckpointError`. With ``push_to_hub`` the finished folder is uploaded.
+    """
+    output_dir = check_output_dir(output_dir, overwrite)
+    dtype, max_shard_size = parse_dtype(dtype), parse_size(max_shard_size)
+    config = CpmBeeConfig.from_original_config(original_config_json)
+    source = OriginalCheckpoint(checkpoint)
+    require_kind(source, "cpmbee")
+    where = str(source.path)
+    mapping = map_keys(source.keys(), CPMBEE_KEY_TABLE, strip_prefix=_source_prefix(source.keys()))
+    _check_config_matches(mapping, source.specs, config, where)
+    expected = expected_specs(build_meta_model(CpmBeeForCausalLM, config))
+    check_against_expected(mapping, source.specs, expected, where)
+    out_dtype = resolve_output_dtype(source.specs.values(), dtype)
+    config.dtype = out_dtype
+
+    for key, reason in mapping.dropped.items():
+        logger.info("not converted: %s (%s)", key, reason)
+    tokenizer = CpmBeeTokenizer()
+    # The original's beam search defaults (VLLMCPMBeeBeamSearch.generate): beam 3, 100 new tokens, no penalties.
+    generation = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_beams=3,
+        max_new_tokens=100,
+        do_sample=False,
+    )
+    variant = _size_name(sum(spec.numel for spec in expected.values()))
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        written = write_safetensors_shards(
+            source,
+            mapping.target_to_source,
+            expected,
+            tmp,
+            out_dtype,
+            max_shard_size=max_shard_size,
+            show_progress=show_progress,
+        )
+        verify_safetensors_folder(tmp, written)
+        config.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_model_card(
+            tmp,
+            "cpmbee",
+            title=f"CPM-Bee {variant}",
+            variant=variant,
+            source_file=source.path.name,
+            converter_version=__version__,
+            repo_id=push_to_hub or str(output_dir),
+            snippet_max_new_tokens=generation.max_new_tokens,
+            dtype=str(out_dtype).removeprefix("torch."),
+        )
+    if push_to_hub:
+        push_folder_to_hub(
+            output_dir,
+            push_to_hub,
+            private=private,
+            commit_message=f"Add CPM-Bee converted from {source.path.name} (transformers-viscpm {__version__})",
+        )
+    return output_dir
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convert_cpmbee",
+        description="Convert an original CPM-Bee checkpoint into a transformers CpmBeeForCausalLM folder.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="original state dict (.pt/.bin, torch.save zip format) or a directory of pytorch_model*.bin shards",
+    )
+    parser.add_argument("--config", required=True, help="original CPM-Bee config JSON (e.g. cpm-bee-10b.json)")
+    parser.add_argument("--output", required=True, help="output folder (created atomically)")
+    parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="output dtype (default: the checkpoint's)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
+    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit status (1 with a one-line message for a bad input or output)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.private and not args.push_to_hub:
+        parser.error("--private needs --push-to-hub")
+    try:
+        out = convert_cpmbee(
+            args.checkpoint,
+            args.config,
+            args.output,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+            overwrite=args.overwrite,
+            show_progress=not args.quiet,
+        )
+    except (ValueError, FileExistsError) as e:  # CheckpointError, a bad config, size or dtype, an existing output
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0

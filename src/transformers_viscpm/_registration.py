@@ -11,8 +11,10 @@ def register_all() -> None:
     if _DONE:
         return
     from .models.cpmbee import register as register_cpmbee
+    from .models.viscpm_chat import register as register_chat
     from .pipelines.viscpm_paint import register as register_paint
 
     register_cpmbee()
+    register_chat()
     register_paint()
     _DONE = True

@@ -1,0 +1,457 @@
+"""PyTorch VisCPM-Chat: BEiT-3 encodes an image with learned queries, CPM-Bee answers questions about it.
+
+The original (`VisCPM/models/vlu_cpmbee.py`, `VisCPM/viscpm_chat.py`) runs BEiT-3 on `[image tokens, queries]`, maps the
+query outputs to the CPM-Bee width (Linear-GELU-Linear) and writes them over the `<unk>` placeholders of the prompt's
+`"image"` segment before CPM-Bee runs. The placeholders are located by `image_bound` (the segment's token range), not by
+their id: question text the vocabulary cannot spell is also encoded as `<unk>`.
+
+Module names follow the original checkpoint (`vpm.beit3.*` -> `model.vision_model.*`, `query` -> `model.query`,
+`mapping.*` -> `model.mapping.*`, `llm.*` -> `model.language_model.cpmbee.*`), so conversion is a small key table.
+The language model is the whole [`CpmBeeForCausalLM`] (as BLIP-2 keeps its causal LM): its tied output layer with the
+ext-table logits, its `generate()` and the original-exact CPM-Bee beam search are reused as they are.
+"""
+
+import copy
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.image_utils import ImageInput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+
+from ..cpmbee.generation_cpmbee import cpmbee_beam_search
+from ..cpmbee.modeling_cpmbee import CpmBeeForCausalLM
+from .configuration_viscpm_chat import VisCPMChatConfig
+from .modeling_beit3 import VisCPMChatVisionModel
+
+if TYPE_CHECKING:
+    from .processing_viscpm_chat import VisCPMChatProcessor
+
+# Custom generation-config field: the temperature the original CPM-Bee beam search divides logits by (stock beam
+# search has no such step, and a `temperature` without `do_sample` does not validate).
+BEAM_TEMPERATURE_FIELD = "beam_temperature"
+
+
+@dataclass
+class VisCPMChatModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    vision_hidden_states (`torch.FloatTensor` of shape `(batch_size, query_num, text hidden size)`, *optional*):
+        The mapped query outputs written into the `"image"` segment; pass them back as `vision_hidden_states` to skip
+        the vision tower on later turns about the same image.
+    """
+
+    vision_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class VisCPMChatCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    vision_hidden_states (`torch.FloatTensor` of shape `(batch_size, query_num, text hidden size)`, *optional*):
+        The mapped query outputs written into the `"image"` segment (see [`VisCPMChatModelOutputWithPast`]).
+    """
+
+    vision_hidden_states: torch.FloatTensor | None = None
+
+
+class VisCPMChatPreTrainedModel(PreTrainedModel):
+    config: VisCPMChatConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VisCPMChatVisionEmbeddings", "VisCPMChatVisionEncoderLayer", "CpmBeeTransformerBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """VisCPM's `construct_query_parameter`: queries from a normal truncated at one std (0.02)."""
+        super()._init_weights(module)
+        if isinstance(module, VisCPMChatModel):
+            std = self.config.initializer_range
+            init.trunc_normal_(module.query, mean=0.0, std=std, a=-std, b=std)
+
+
+def _structure_kwargs(**tensors: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The CPM-Bee structure tensors that were given (the language model fills in defaults for the others)."""
+    return {name: tensor for name, tensor in tensors.items() if tensor is not None}
+
+
+class VisCPMChatModel(VisCPMChatPreTrainedModel):
+    """The vision tower, the queries, the mapping and CPM-Bee; returns CPM-Bee's last hidden states."""
+
+    def __init__(self, config: VisCPMChatConfig):
+        super().__init__(config)
+        vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.vision_model = VisCPMChatVisionModel._from_config(config.vision_config)
+        self.query = nn.Parameter(torch.zeros(config.query_num, vision_width))
+        self.mapping = nn.Sequential(nn.Linear(vision_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
+        self.language_model = CpmBeeForCausalLM._from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """Run BEiT-3 on the images and the queries; `pooler_output` holds the features mapped to the CPM-Bee width
+        `(batch, query_num, text hidden size)`, `last_hidden_state` the raw query outputs."""
+        vision_outputs = self.vision_model(pixel_values=pixel_values, query_embeds=self.query, **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=self.mapping(vision_outputs.last_hidden_state),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+        )
+
+    def get_placeholder_mask(
+        self, image_bound: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.BoolTensor:
+        """`(batch, length, 1)` mask of the `"image"` segment tokens from `image_bound` `(batch, N, 2)` ([start, end)
+        ranges; empty ranges pad `N`). Each row must hold exactly one image's `query_num` placeholders."""
+        batch, length = inputs_embeds.shape[:2]
+        bound = image_bound.to(inputs_embeds.device).view(batch, -1, 2)
+        positions = torch.arange(length, device=inputs_embeds.device)[None, None, :]
+        mask = ((positions >= bound[..., :1]) & (positions < bound[..., 1:])).any(dim=1)
+        counts = mask.sum(dim=1)
+        if image_features.shape[:1] != (batch,) or bool((counts != image_features.shape[1]).any()):
+            raise ValueError(
+                f"Image features {tuple(image_features.shape[:2])} do not match the image segments: each of the "
+                f"{batch} prompts has {counts.tolist()} placeholder tokens."
+            )
+        return mask.unsqueeze(-1)
+
+    def get_inputs_embeds(
+        self,
+        input_ids: torch.LongTensor,
+        input_id_subs: torch.LongTensor | None = None,
+        image_bound: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_hidden_states: torch.FloatTensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CPM-Bee input embeddings with the image features in the `"image"` segment (the original
+        `get_vllm_embedding`), and the features used. `vision_hidden_states` replaces the vision tower."""
+        if pixel_values is not None and vision_hidden_states is not None:
+            raise ValueError("Pass either pixel_values or vision_hidden_states, not both.")
+        inputs_embeds = self.language_model.embed_input_ids(input_ids, input_id_subs)
+        if pixel_values is not None:
+            vision_hidden_states = self.get_image_features(pixel_values).pooler_output
+        if vision_hidden_states is None:
+            return inputs_embeds, None
+        if image_bound is None:
+            raise ValueError("Image features need `image_bound` (from the processor) to find the image segment.")
+        features = vision_hidden_states.to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = self.get_placeholder_mask(image_bound, inputs_embeds, features)
+        return inputs_embeds.masked_scatter(mask, features), vision_hidden_states
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_id_subs: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_hidden_states: torch.FloatTensor | None = None,
+        image_bound: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        context: torch.Tensor | None = None,
+        sample_ids: torch.LongTensor | None = None,
+        num_segments: torch.LongTensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        segment_rel_offset: torch.LongTensor | None = None,
+        segment_rel: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> VisCPMChatModelOutputWithPast:
+        r"""
+        Takes the tensors of [`VisCPMChatProcessor`] (the CPM-Bee structure of DESIGN.md plus `image_bound` and
+        `pixel_values`); `vision_hidden_states` (mapped features of an earlier call) can stand in for `pixel_values`.
+        `inputs_embeds` are used as given (no image is written into them).
+        """
+        if inputs_embeds is None:
+            inputs_embeds, vision_hidden_states = self.get_inputs_embeds(
+                input_ids, input_id_subs, image_bound, pixel_values, vision_hidden_states
+            )
+        outputs = self.language_model.cpmbee(
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            **_structure_kwargs(
+                position_ids=position_ids,
+                context=context,
+                sample_ids=sample_ids,
+                num_segments=num_segments,
+                segment_ids=segment_ids,
+                segment_rel_offset=segment_rel_offset,
+                segment_rel=segment_rel,
+                attention_mask=attention_mask,
+            ),
+            **kwargs,
+        )
+        return VisCPMChatModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            vision_hidden_states=vision_hidden_states,
+        )
+
+
+class VisCPMChatImageSafetyChecker:
+    """The original's optional image screen: diffusers' `StableDiffusionSafetyChecker` on CLIP-preprocessed images.
+
+    Unlike the original (which gave the CLIP preprocessing a NumPy array of the image and ignored the verdict), it
+    preprocesses the PIL image itself and its verdict stops `chat`. Call it on a list of images to get one
+    flag per image (True: flagged).
+    """
+
+    def __init__(self, checker: nn.Module, feature_extractor: Any):
+        self.checker = checker.eval()
+        self.feature_extractor = feature_extractor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checker: str = "CompVis/stable-diffusion-safety-checker",
+        feature_extractor: str = "openai/clip-vit-base-patch32",
+        **kwargs: Any,
+    ) -> "VisCPMChatImageSafetyChecker":
+        """The checker and the CLIP preprocessing the original downloads (keyword arguments go to both loaders)."""
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import CLIPImageProcessor
+
+        return cls(
+            StableDiffusionSafetyChecker.from_pretrained(checker, **kwargs),
+            CLIPImageProcessor.from_pretrained(feature_extractor, **kwargs),
+        )
+
+    @torch.no_grad()
+    def __call__(self, images: list[PIL.Image.Image]) -> list[bool]:
+        rgb = [image.convert("RGB") for image in images]
+        parameter = next(self.checker.parameters())
+        clip_input = self.feature_extractor(images=rgb, return_tensors="pt").pixel_values
+        arrays = [np.asarray(image, dtype=np.float32) / 255.0 for image in rgb]
+        _, flagged = self.checker(clip_input=clip_input.to(parameter.device, parameter.dtype), images=arrays)
+        return [bool(flag) for flag in flagged]
+
+
+class UnsafeImageError(ValueError):
+    """The configured image safety checker flagged the image given to `chat`."""
+
+
+class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMixin):
+    """VisCPM-Chat with CPM-Bee's tied output layer: logits over the vocabulary followed by the batch ext table.
+
+    Three ways to answer: [`~VisCPMChatForConditionalGeneration.chat`] (the original API and decoding, beam search
+    reproduced token for token), `generate(**processor_outputs)` (any transformers decoding, streaming included; the
+    image features are computed once, before the first step), and the `image-text-to-text` pipeline.
+
+    `image_safety_checker` is off (None) unless set, e.g. to `VisCPMChatImageSafetyChecker.from_pretrained()`; `chat`
+    then raises [`UnsafeImageError`] for a flagged image.
+    """
+
+    def __init__(self, config: VisCPMChatConfig):
+        super().__init__(config)
+        self.model = VisCPMChatModel(config)
+        self.image_safety_checker: VisCPMChatImageSafetyChecker | None = None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.language_model.get_output_embeddings()
+
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_id_subs: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_hidden_states: torch.FloatTensor | None = None,
+        image_bound: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        context: torch.Tensor | None = None,
+        sample_ids: torch.LongTensor | None = None,
+        num_segments: torch.LongTensor | None = None,
+        segment_ids: torch.LongTensor | None = None,
+        segment_rel_offset: torch.LongTensor | None = None,
+        segment_rel: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        ext_table_ids: torch.LongTensor | None = None,
+        ext_table_sub: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        ext_table_mask: torch.Tensor | None = None,
+        allow_unk: torch.Tensor | None = None,
+        answer_segment_ids: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> VisCPMChatCausalLMOutputWithPast:
+        r"""
+        Inputs as [`VisCPMChatModel`], plus `ext_table_ids` / `ext_table_sub` (the batch ext table, whose logits
+        follow the vocabulary's), `labels` and `logits_to_keep` as in [`CpmBeeForCausalLM`]. `ext_table_mask`,
+        `allow_unk` and `answer_segment_ids` are generation inputs of the processor; they do not change the logits
+        and are accepted so that `model(**processor_outputs)` works.
+        """
+        if inputs_embeds is None:
+            inputs_embeds, vision_hidden_states = self.model.get_inputs_embeds(
+                input_ids, input_id_subs, image_bound, pixel_values, vision_hidden_states
+            )
+        outputs = self.model.language_model(
+            inputs_embeds=inputs_embeds,
+            ext_table_ids=ext_table_ids,
+            ext_table_sub=ext_table_sub,
+            cache=cache,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **_structure_kwargs(
+                position_ids=position_ids,
+                context=context,
+                sample_ids=sample_ids,
+                num_segments=num_segments,
+                segment_ids=segment_ids,
+                segment_rel_offset=segment_rel_offset,
+                segment_rel=segment_rel,
+                attention_mask=attention_mask,
+            ),
+            **kwargs,
+        )
+        return VisCPMChatCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            vision_hidden_states=vision_hidden_states,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_id_subs: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_hidden_states: torch.FloatTensor | None = None,
+        image_bound: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor | Any:
+        """transformers `generate` on [`VisCPMChatProcessor`] outputs: the image features are written into the prompt
+        embeddings once, then CPM-Bee's `generate` runs (its step inputs carry the CPM-Bee structure of every
+        generated token; ext and `<unk>` ids a prompt cannot produce are masked). Returns what `generate` returns:
+        the prompt ids followed by the new tokens, unless `return_dict_in_generate`.
+
+        This is stock decoding (greedy, sampling, transformers beam search); for the original's beam search use
+        [`~VisCPMChatForConditionalGeneration.chat`].
+        """
+        generation_config = copy.deepcopy(
+            generation_config if generation_config is not None else self.generation_config
+        )
+        model_kwargs = generation_config.update(**kwargs)
+        inputs_embeds, _ = self.model.get_inputs_embeds(
+            input_ids, input_id_subs, image_bound, pixel_values, vision_hidden_states
+        )
+        return self.model.language_model.generate(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            input_id_subs=input_id_subs,
+            generation_config=generation_config,
+            **model_kwargs,
+        )
+
+    @cached_property
+    def default_processor(self) -> "VisCPMChatProcessor":
+        """The processor `chat` uses when none is given: the released tokenizer and image preprocessing."""
+        from ..cpmbee.tokenization_cpmbee import CpmBeeTokenizer
+        from .image_processing_viscpm_chat import VisCPMChatImageProcessor
+        from .processing_viscpm_chat import VisCPMChatProcessor
+
+        return VisCPMChatProcessor(VisCPMChatImageProcessor(), CpmBeeTokenizer(), query_num=self.config.query_num)
+
+    @torch.no_grad()
+    def chat(
+        self,
+        image: ImageInput | None,
+        question: str,
+        context: str = "",
+        vision_hidden_states: torch.FloatTensor | None = None,
+        processor: "VisCPMChatProcessor | None" = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> tuple[str, str, torch.FloatTensor]:
+        """Answer `question` about `image`, as the original `VisCPMChat.chat`.
+
+        Returns `(answer, new_context, vision_hidden_states)`: `new_context` is `context + "User: <question>\\n" +
+        "AI: <answer>\\n"`, to pass back with `vision_hidden_states` (then `image` is not needed and may be None) for
+        the next turn. Decoding is the original CPM-Bee beam search with `generation_config` (default: the model's,
+        whose converted defaults are the original's: 3 beams, temperature 0.7, repetition penalty 1.1, length
+        penalty 3, at most 512 new tokens); keyword arguments override single settings (`num_beams`,
+        `max_new_tokens`, `temperature`, `repetition_penalty`, `length_penalty`, `repetition_window`).
+        User text is plain text (`<` needs no escaping) and the answer is the real text.
+        """
+        processor = processor if processor is not None else self.default_processor
+        if vision_hidden_states is None and image is None:
+            raise ValueError("chat() needs an image, or the vision_hidden_states of an earlier turn about it.")
+        if vision_hidden_states is None and self.image_safety_checker is not None:
+            if not isinstance(image, PIL.Image.Image):
+                raise TypeError(f"the image safety checker takes a PIL image, got {type(image).__name__}")
+            if self.image_safety_checker([image])[0]:
+                raise UnsafeImageError(
+                    "The image safety checker flagged this image; VisCPM-Chat will not describe it."
+                )
+        inputs, infos = processor.encode(
+            images=image if vision_hidden_states is None else None, text=question, context=context
+        )
+        inputs = inputs.to(self.device)
+        pixel_values = inputs.pop("pixel_values", None)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.dtype)
+        inputs_embeds, vision_hidden_states = self.model.get_inputs_embeds(
+            inputs["input_ids"], inputs["input_id_subs"], inputs["image_bound"], pixel_values, vision_hidden_states
+        )
+        generation_config = generation_config if generation_config is not None else self.generation_config
+        temperature = getattr(generation_config, BEAM_TEMPERATURE_FIELD, None)
+        if "temperature" not in kwargs and temperature is not None:
+            kwargs["temperature"] = temperature
+        results = cpmbee_beam_search(
+            self.model.language_model, inputs, infos, generation_config, inputs_embeds=inputs_embeds, **kwargs
+        )
+        answer = processor.decode_answers(results, infos)[0]
+        return answer, f"{context}User: {question}\nAI: {answer}\n", vision_hidden_states
+
+
+__all__ = [
+    "UnsafeImageError",
+    "VisCPMChatForConditionalGeneration",
+    "VisCPMChatImageSafetyChecker",
+    "VisCPMChatModel",
+    "VisCPMChatPreTrainedModel",
+]

@@ -291,3 +291,18 @@ def test_optional_image_safety_checker(model, image, threshold, flagged):
             model.chat(np.asarray(image), "What is in the image?", max_new_tokens=2)
     finally:
         model.image_safety_checker = None
+
+
+def test_chat_streams_the_answer(model, image):
+    from transformers import TextStreamer
+
+    class Collect(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            chunks.append(text)
+
+    chunks: list[str] = []
+    processor = model.default_processor
+    answer, _, _ = model.chat(
+        image, "画里有什么？😀", processor=processor, streamer=Collect(processor.tokenizer), max_new_tokens=6
+    )
+    assert "".join(chunks) == answer

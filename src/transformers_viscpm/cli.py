@@ -8,6 +8,7 @@ chat with streamed answers) and `paint` (prompt -> PNG). User errors print one l
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,12 +42,17 @@ def _open_image(path: str):
         raise CliError(f"cannot read image {path}: {err}") from None
 
 
+def _check_model(model: str) -> None:
+    """A converted folder that exists, or something shaped like a hub repo id (`org/name`)."""
+    if not Path(model).exists() and (model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model)):
+        raise CliError(f"model not found: {model} (give a converted folder or a hub repo id)")
+
+
 def _load_chat(model: str, device: str, dtype_name: str | None):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if not Path(model).exists() and "/" not in model:
-        raise CliError(f"model not found: {model} (give a converted folder or a hub repo id)")
+    _check_model(model)
     try:
         processor = AutoProcessor.from_pretrained(model)
         chat_model = AutoModelForImageTextToText.from_pretrained(model, dtype=_dtype(dtype_name) or torch.float32)
@@ -64,13 +70,13 @@ def _cmd_chat(args: argparse.Namespace) -> None:
 
     def ask(question: str) -> None:
         nonlocal context, vision_hidden_states
-        streamer = TextStreamer(processor.tokenizer, skip_prompt=True)
+        streamer = TextStreamer(processor.tokenizer)
         _, context, vision_hidden_states = model.chat(
-            processor,
             image,
             question,
             context=context,
             vision_hidden_states=vision_hidden_states,
+            processor=processor,
             streamer=streamer,
             max_new_tokens=args.max_new_tokens,
         )
@@ -94,8 +100,7 @@ def _cmd_paint(args: argparse.Namespace) -> None:
     import torch
     from diffusers import DiffusionPipeline
 
-    if not Path(args.model).exists() and "/" not in args.model:
-        raise CliError(f"model not found: {args.model} (give a converted folder or a hub repo id)")
+    _check_model(args.model)
     try:
         pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype) or torch.float32)
     except (OSError, ValueError) as err:
@@ -119,9 +124,10 @@ def _cmd_paint(args: argparse.Namespace) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace, rest: Sequence[str]) -> None:
-    from .conversion import CONVERTERS
+    from .conversion import CONVERTER_MAINS
 
-    CONVERTERS[args.kind](list(rest))
+    if CONVERTER_MAINS[args.kind](list(rest)) != 0:
+        raise CliError(f"conversion of the {args.kind} checkpoint failed (see the message above)")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

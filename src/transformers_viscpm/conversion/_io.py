@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import pickle
 import re
@@ -107,10 +108,40 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors as zero-copy views of a private mmap, as ``torch.load(mmap=True)`` gives."""
+    to_torch = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+    try:
+        with open(path, "rb") as f:
+            # Copy-on-write, so that torch accepts the buffer; nothing is ever written to it.
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        (header_size,) = struct.unpack("<Q", mapped[:8])
+        header = json.loads(mapped[8 : 8 + header_size])
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = to_torch[info["dtype"]]
+            begin, end = info["data_offsets"]
+            count = (end - begin) // dtype.itemsize
+            offset = 8 + header_size + begin
+            flat = (
+                torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
+                if count
+                else torch.empty(0, dtype=dtype)
+            )
+            tensors[name] = flat.view(info["shape"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return tensors
+
+
 def _open_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load`` one file memory-mapped and weights-only, turning every failure into a CheckpointError."""
+    """Open one file memory-mapped (``torch.load`` weights-only, or safetensors), failures as a CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        return _open_safetensors(path)
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
@@ -166,7 +197,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 class OriginalCheckpoint:
-    """A torch.save state dict (one file, or a directory of shards) read lazily through mmap.
+    """A torch.save state dict (one file, or a directory of shards) or a safetensors file, read lazily through mmap.
 
     Opening it reads only the tensors' metadata. :meth:`iter_bytes` streams one tensor's data in bounded chunks,
     re-opening the file periodically so that the pages read so far stop counting against this process.

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.generation.streamers import BaseStreamer
 from transformers.image_utils import ImageInput
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.processing_utils import Unpack
@@ -405,6 +406,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         vision_hidden_states: torch.FloatTensor | None = None,
         processor: "VisCPMChatProcessor | None" = None,
         generation_config: GenerationConfig | None = None,
+        streamer: BaseStreamer | None = None,
         **kwargs: Any,
     ) -> tuple[str, str, torch.FloatTensor]:
         """Answer `question` about `image`, as the original `VisCPMChat.chat`.
@@ -416,6 +418,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         penalty 3, at most 512 new tokens); keyword arguments override single settings (`num_beams`,
         `max_new_tokens`, `temperature`, `repetition_penalty`, `length_penalty`, `repetition_window`).
         User text is plain text (`<` needs no escaping) and the answer is the real text.
+
+        A beam search answer is only known once decoding ends, so a `streamer` (e.g. `TextStreamer(tokenizer)`)
+        receives the answer's tokens then, in one `put`; token-by-token streaming needs greedy `generate()`.
         """
         processor = processor if processor is not None else self.default_processor
         if vision_hidden_states is None and image is None:
@@ -445,6 +450,13 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
             self.model.language_model, inputs, infos, generation_config, inputs_embeds=inputs_embeds, **kwargs
         )
         answer = processor.decode_answers(results, infos)[0]
+        if streamer is not None:
+            # Streamers decode through the tokenizer's remembered table: make it this prompt's table.
+            processor.tokenizer.last_ext_table = dict(infos[0].ext_table)
+            streamer.put(
+                torch.tensor([token for token, _ in results[0] if token != self.config.text_config.eos_token_id])
+            )
+            streamer.end()
         return answer, f"{context}User: {question}\nAI: {answer}\n", vision_hidden_states
 
 

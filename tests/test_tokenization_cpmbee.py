@@ -104,6 +104,28 @@ def test_automaton_matches_reference_on_large_text(tok):
     assert tok.encode_markup(markup) == tok._encode_markup_reference(markup)
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["\x00", "a\x00b", "\x00\x00", "😀", "😀a😀", "a😀b\x00c\td", "\ud800", "x\udfffy", "龘靐齉爩", "", "a", " \n "],
+)
+def test_fast_path_unknown_runs_and_sentinel(tok, text):
+    # Unknown runs at the start, middle and end, the sentinel character itself, lone surrogates.
+    markup = tok.escape(text)
+    assert tok.encode_markup(markup) == tok._encode_markup_reference(markup)
+
+
+def test_fast_path_with_a_vocabulary_missing_single_characters(tmp_path):
+    # "x" and "é" occur only inside longer pieces: gaps are no longer the runs of unknown characters, so the
+    # tokenizer falls back to matching with positions; ids must still equal the reference path's.
+    vocab = ["<s>", "</s>", "<unk>", "<pad>", "<mask>", "</n>", "</_>", "a", "b", "ab", "abx", "xb", "bé", "bée"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    small = CpmBeeTokenizer(vocab_file=str(tmp_path / "vocab.txt"))
+    for text in ["abxb", "xbab", "x", "xxb", "béeb", "é", "ab x\nbé", "😀abx😀"]:
+        markup = small.escape(text)
+        assert small.encode_markup(markup) == small._encode_markup_reference(markup), text
+    assert type(small._automaton).__name__ == "AhoCorasick"  # the positions path, not the fast matcher
+
+
 # ---------------------------------------------------------------- markup rules
 
 

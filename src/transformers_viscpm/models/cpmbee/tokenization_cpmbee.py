@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from importlib import resources
+from operator import itemgetter
 from typing import Any
 
 from ahocorasick_rs import AhoCorasick, MatchKind
@@ -131,6 +133,59 @@ class _ExtTable:
         return idx
 
 
+class _FastMatcher:
+    """Leftmost-longest matching of CPM-Bee text into piece ids, with as little work per token as possible.
+
+    The cost of matching is per token, so each token must cost a handful of C-level steps: the automaton hands back
+    its own stored pattern strings (`find_matches_as_strings`, no tuple or int objects per match), and one C-level
+    `itemgetter` over a `{piece: id}` dict turns them into ids. Those strings carry no positions, so unknown runs
+    are located differently, from a property of the vocabulary checked here: every character of every piece is
+    itself a one-character piece (true of the released vocabulary). Then a character outside that set ("unknown")
+    is never part of any match, and every other character is covered by a match (a match starts at it, at least its
+    own one-character piece, unless an earlier match already covers it). So the gaps between leftmost-longest
+    matches, i.e. the original's unknown runs (see `CpmBeeTokenizer._encode_text`), are exactly the maximal runs of
+    unknown characters, found by one regex split; and the matches between two runs are those of the text between
+    them, as no match can reach into a run. Each run is replaced by a sentinel character, itself an unknown
+    character added to the automaton as a one-character pattern, so that one search yields every token in order,
+    runs included as sentinels.
+    """
+
+    MARK = -1  # the id the sentinel maps to before its run's ext id replaces it
+
+    def __init__(self, pieces: Mapping[str, int]) -> None:
+        alphabet = set("".join(pieces))
+        if alphabet != {piece for piece in pieces if len(piece) == 1}:
+            raise ValueError("some character of a piece is not itself a piece")
+        # The first non-surrogate character outside every piece (never matched, so never part of a match).
+        self.sentinel = next(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and chr(c) not in alphabet)
+        self.lookup = dict(pieces)
+        self.lookup[self.sentinel] = self.MARK
+        self.automaton = AhoCorasick(list(self.lookup), matchkind=MatchKind.LeftmostLongest, store_patterns=True)
+        known = "".join(map(re.escape, sorted(alphabet)))
+        # Splits text into [known, run, known, run, ..., known]: the runs of characters outside every piece.
+        self.split_runs = re.compile(f"([^{known}]+)" if known else "(.+)", re.DOTALL).split
+
+    def encode(self, text: str, ids: list[int], ext: _ExtTable) -> None:
+        parts = self.split_runs(text)
+        if len(parts) == 1:  # no unknown run: every character is matched
+            self._extend_ids(ids, self.automaton.find_matches_as_strings(text))
+            return
+        out: list[int] = []
+        self._extend_ids(out, self.automaton.find_matches_as_strings(self.sentinel.join(parts[0::2])))
+        mark, index, at = self.MARK, out.index, 0
+        for run in parts[1::2]:
+            at = index(mark, at)
+            out[at] = ext.id_for(run)
+        ids.extend(out)
+
+    def _extend_ids(self, ids: list[int], pieces: list[str]) -> None:
+        # One `itemgetter` call looks every piece up in C (faster than `map(dict.__getitem__, ...)`).
+        if len(pieces) > 1:
+            ids.extend(itemgetter(*pieces)(self.lookup))
+        elif pieces:
+            ids.append(self.lookup[pieces[0]])
+
+
 class CpmBeeTokenizer(PreTrainedTokenizer):
     """
     Construct a CPM-Bee tokenizer: greedy longest match over the CPM-Bee vocabulary, with CPM-Bee's markup and
@@ -195,7 +250,8 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         self._piece_list = list(self._pieces)
         self._piece_ids = list(self._pieces.values())
         self._max_piece_len = max(map(len, self._pieces))
-        self._automaton: AhoCorasick | None = None
+        # Built on first use: a `_FastMatcher`, or a plain automaton when the vocabulary does not allow it.
+        self._automaton: _FastMatcher | AhoCorasick | None = None
         self.last_ext_table: dict[int, str] = {}
         # Per-sample answer bookkeeping of the most recent dict encoding (see `encoding_cpmbee.CpmBeeSampleInfo`).
         self.last_sample_infos: list = []
@@ -256,6 +312,10 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         self, markup: str, ext: _ExtTable, encode_text: Callable[[str, list[int], _ExtTable], None]
     ) -> list[int]:
         ids: list[int] = []
+        if "<" not in markup:  # plain text (the common case): one text part, no markup to split
+            if markup:
+                encode_text(markup, ids, ext)
+            return ids
         for part, is_special in split_markup(markup):
             if is_special:
                 known = self.encoder.get(part)
@@ -275,11 +335,21 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         then takes the same longest entry at q. By induction both cut the text identically, and the gaps between
         matches are exactly the original's unknown runs. (The original's truncation to the longest vocabulary
         entry never hides a candidate.) Checked id for id against the original on the fixture corpus.
+
+        With the released vocabulary the search runs through `_FastMatcher` (same matches, less work per token);
+        a vocabulary it cannot serve gets the plain automaton and the loop over match positions below.
         """
-        if self._automaton is None:
-            self._automaton = AhoCorasick(self._piece_list, matchkind=MatchKind.LeftmostLongest)
+        automaton = self._automaton
+        if automaton is None:
+            try:
+                automaton = self._automaton = _FastMatcher(self._pieces)
+            except ValueError:  # a custom vocabulary with a character that is not a piece: positions needed
+                automaton = self._automaton = AhoCorasick(self._piece_list, matchkind=MatchKind.LeftmostLongest)
+        if type(automaton) is _FastMatcher:
+            automaton.encode(text, ids, ext)
+            return
         try:
-            matches = self._automaton.find_matches_as_indexes(text)
+            matches = automaton.find_matches_as_indexes(text)
         except UnicodeEncodeError:  # lone surrogates cannot reach the automaton (UTF-8 only)
             self._encode_text_reference(text, ids, ext)
             return

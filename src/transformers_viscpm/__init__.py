@@ -7,7 +7,31 @@ Registration is idempotent and executes no model code.
 """
 
 from ._registration import register_all
+from .models.cpmbee.configuration_cpmbee import CpmBeeConfig
+from .models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM, CpmBeeModel
+from .models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
+from .models.viscpm_chat.configuration_viscpm_chat import VisCPMChatConfig, VisCPMChatVisionConfig
+from .models.viscpm_chat.image_processing_viscpm_chat import VisCPMChatImageProcessor
+from .models.viscpm_chat.modeling_viscpm_chat import VisCPMChatForConditionalGeneration, VisCPMChatModel
+from .models.viscpm_chat.processing_viscpm_chat import VisCPMChatProcessor
+from .pipelines.viscpm_paint import VisCPMPaintPipeline, VisCPMPaintTextEncoder, VisCPMPaintTextEncoderConfig
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CpmBeeConfig",
+    "CpmBeeForCausalLM",
+    "CpmBeeModel",
+    "CpmBeeTokenizer",
+    "VisCPMChatConfig",
+    "VisCPMChatForConditionalGeneration",
+    "VisCPMChatImageProcessor",
+    "VisCPMChatModel",
+    "VisCPMChatProcessor",
+    "VisCPMChatVisionConfig",
+    "VisCPMPaintPipeline",
+    "VisCPMPaintTextEncoder",
+    "VisCPMPaintTextEncoderConfig",
+]
 
 register_all()

@@ -98,7 +98,8 @@ def converted_paint_image(repo: str | Path) -> torch.Tensor:
     """The converted VisCPM-Paint image (``(1, 3, H, W)`` in [0, 1]) for :data:`PAINT_CAPTION`, seed 0."""
     from ..pipelines.viscpm_paint import VisCPMPaintPipeline
 
-    pipe = VisCPMPaintPipeline.from_pretrained(repo, torch_dtype=torch.float32)
+    # A repo that ships its code (export_remote_code) runs that code, generated from this package's.
+    pipe = VisCPMPaintPipeline.from_pretrained(repo, torch_dtype=torch.float32, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     return pipe(PAINT_CAPTION, num_inference_steps=PAINT_STEPS, generator=generator, output_type="pt").images

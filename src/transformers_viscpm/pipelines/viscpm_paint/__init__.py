@@ -13,8 +13,14 @@ def register() -> None:
     are recorded in `model_index.json` under this package and resolve once it is imported.
     """
     import diffusers
+    from diffusers.pipelines import pipeline_loading_utils
     from transformers import AutoConfig, AutoModel
 
     diffusers.VisCPMPaintPipeline = VisCPMPaintPipeline
+    # Components are then recorded as ["transformers_viscpm", class] and resolved from the package's top level, for
+    # local folders and hub repos alike (diffusers checks hub listings against its known libraries).
+    loadable = {name: ["save_pretrained", "from_pretrained"] for name in ("VisCPMPaintTextEncoder", "CpmBeeTokenizer")}
+    pipeline_loading_utils.LOADABLE_CLASSES.setdefault("transformers_viscpm", {}).update(loadable)
+    pipeline_loading_utils.ALL_IMPORTABLE_CLASSES.update(loadable)
     AutoConfig.register(VisCPMPaintTextEncoderConfig.model_type, VisCPMPaintTextEncoderConfig, exist_ok=True)
     AutoModel.register(VisCPMPaintTextEncoderConfig, VisCPMPaintTextEncoder, exist_ok=True)

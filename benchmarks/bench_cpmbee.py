@@ -1,0 +1,257 @@
+"""CPM-Bee speed: ours vs the original VisCPM `CPMBeeTorch.inference` loop, side by side.
+
+Config: 4 layers, dim 512, 8 heads x 64, FF 1280, the real vocabulary (86,583), released bucket settings, 2 threads.
+Measures the prefill of a 1,024-token prompt, decode tokens/s (1 / median step) with a cache after 128- and 1,024-token prompts
+(fp32 for both, bf16 for ours) and the load time of a saved model. The original runs in this interpreter when
+`VisCPM` is importable, else through the reference venv (`/tmp/viscpm-ref/bin/python`, see
+`../shared/reference/README.md`); without either only our numbers are printed.
+
+    python benchmarks/bench_cpmbee.py [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = ROOT.parent / "shared" / "reference"
+REFERENCE_PYTHON = Path("/tmp/viscpm-ref/bin/python")
+CONFIG = {
+    "vocab_size": 86583,
+    "dim_model": 512,
+    "dim_ff": 1280,
+    "num_layers": 4,
+    "num_heads": 8,
+    "dim_head": 64,
+    "dropout_p": 0.0,
+    "position_bias_num_buckets": 256,
+    "position_bias_num_segment_buckets": 256,
+    "position_bias_max_distance": 2048,
+    "eps": 1e-6,
+    "half": False,
+}
+SEED = 0
+ANSWER_SEGMENT = 3
+
+
+def prompt(length: int) -> dict[str, torch.Tensor]:
+    """A one-sample prompt of `length` context tokens in 3 segments (+ the answer segment), int32 like the original."""
+    generator = torch.Generator().manual_seed(length)
+    ids = torch.randint(10, CONFIG["vocab_size"], (1, length), generator=generator, dtype=torch.int32)
+    segments = torch.zeros(1, length, dtype=torch.int32)
+    segments[:, length // 3 :] = 1
+    segments[:, 2 * length // 3 :] = 2
+    num_segments = 4
+    relation = torch.tensor([[0, 2, 2, 2], [9, 0, 10, 10], [9, 10, 0, 10], [9, 10, 10, 0]], dtype=torch.int32)
+    return {
+        "input_ids": ids,
+        "input_id_subs": torch.zeros_like(ids),
+        "position_ids": torch.arange(length, dtype=torch.int32)[None],
+        "context": torch.ones(1, length, dtype=torch.bool),
+        "sample_ids": torch.zeros_like(ids),
+        "num_segments": torch.full_like(ids, num_segments),
+        "segment_ids": segments,
+        "segment_rel_offset": torch.zeros_like(ids),
+        "segment_rel": relation.view(1, -1),
+        "ext_table_ids": torch.tensor([[1]], dtype=torch.int32),
+        "ext_table_sub": torch.tensor([[1]], dtype=torch.int32),
+    }
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run_original(steps: int) -> dict[str, float]:
+    """The original's numbers (run inside an interpreter where `VisCPM` and `original_on_cpu` import)."""
+    import original_on_cpu  # noqa: F401
+    from original_on_cpu import init_random_
+    from VisCPM.models.cpmbee import CPMBeeConfig, CPMBeeTorch
+
+    torch.set_num_threads(2)
+    model = init_random_(CPMBeeTorch(CPMBeeConfig(**CONFIG)), SEED).eval()
+
+    def inference(p: dict, past=None, **overrides):
+        args = {
+            "input": p["input_ids"],
+            "input_sub": p["input_id_subs"],
+            "position": p["position_ids"],
+            "context": p["context"],
+            "sample_ids": p["sample_ids"],
+            "num_segments": p["num_segments"],
+            "segment": p["segment_ids"],
+            "segment_rel_offset": p["segment_rel_offset"],
+            "segment_rel": p["segment_rel"],
+            "ext_table_ids": p["ext_table_ids"][0],
+            "ext_table_sub": p["ext_table_sub"][0],
+            "past_key_values": past,
+        }
+        args.update(overrides)
+        with torch.no_grad():
+            return model.inference(**args)
+
+    def decode(p: dict) -> float:
+        """Tokens/s after the prefill, feeding tokens like the original beam search: 1 / median step time."""
+        _, _, past = inference(p)
+        one = torch.ones(1, 1, dtype=torch.int32)
+        durations = []
+        for step in range(steps):
+            start = time.perf_counter()
+            logits, _, past = inference(
+                p,
+                past,
+                input=one * (6 if step == 0 else 100 + step),
+                input_sub=one * 0,
+                position=one * step,
+                context=one.bool(),
+                sample_ids=one * 0,
+                num_segments=p["num_segments"][:, -1:],
+                segment=one * ANSWER_SEGMENT,
+                segment_rel_offset=p["segment_rel_offset"][:, -1:],
+            )
+            durations.append(time.perf_counter() - start)
+        return 1.0 / statistics.median(durations)
+
+    long_prompt = prompt(1024)
+    inference(prompt(64))
+    results = {
+        "prefill_1024_s": best_of(2, lambda: inference(long_prompt)),
+        "decode_128_tok_s": decode(prompt(128)),
+        "decode_1024_tok_s": decode(long_prompt),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "cpmbee.pt")
+        torch.save(model.state_dict(), path)
+
+        def load() -> None:
+            fresh = CPMBeeTorch(CPMBeeConfig(**CONFIG))
+            fresh.load_state_dict(torch.load(path))
+
+        results["load_s"] = best_of(3, load)
+    return results
+
+
+def original_results(steps: int) -> dict[str, float] | None:
+    if importlib.util.find_spec("VisCPM") is not None:
+        sys.path.insert(0, str(REFERENCE_DIR))
+        return run_original(steps)
+    if not REFERENCE_PYTHON.exists():
+        return None
+    env = {**os.environ, "PYTHONPATH": str(REFERENCE_DIR)}
+    command = [str(REFERENCE_PYTHON), __file__, "--original-only", "--steps", str(steps)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def run_ours(steps: int) -> dict[str, float]:
+    from transformers import GenerationConfig, LogitsProcessor
+
+    from transformers_viscpm.models.cpmbee.configuration_cpmbee import CpmBeeConfig
+    from transformers_viscpm.models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM
+    from transformers_viscpm.synthetic.cpmbee import original_cpmbee_state_dict
+
+    torch.set_num_threads(2)
+    model = CpmBeeForCausalLM(CpmBeeConfig.from_original_config(CONFIG)).eval()
+    state = {f"cpmbee.{k}": v for k, v in original_cpmbee_state_dict(CONFIG, SEED).items()}
+    model.load_state_dict(state, strict=False)
+
+    def inputs(length: int) -> dict[str, torch.Tensor]:
+        return {k: v.long() for k, v in prompt(length).items()}
+
+    def prefill(p: dict) -> None:
+        with torch.no_grad():
+            model(**p, use_cache=True, logits_to_keep=1)
+
+    class StepClock(LogitsProcessor):
+        """Timestamps every decoding step of `generate`."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            self.times.append(time.perf_counter())
+            return scores
+
+    def decode(p: dict) -> float:
+        """Tokens/s of stock greedy `generate` (no EOS stop) after the prefill: 1 / median step time."""
+        clock = StepClock()
+        config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=steps + 1)
+        answer = torch.tensor([[ANSWER_SEGMENT]])
+        model.generate(**p, answer_segment_ids=answer, generation_config=config, logits_processor=[clock])
+        return 1.0 / statistics.median(b - a for a, b in zip(clock.times, clock.times[1:]))
+
+    long_prompt = inputs(1024)
+    prefill(inputs(64))
+    results = {"prefill_1024_s": best_of(3, lambda: prefill(long_prompt))}
+    results["decode_128_tok_s"] = decode(inputs(128))
+    results["decode_1024_tok_s"] = decode(long_prompt)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        results["load_s"] = best_of(3, lambda: CpmBeeForCausalLM.from_pretrained(tmp))
+    model.to(torch.bfloat16)
+    results["bf16_prefill_1024_s"] = best_of(3, lambda: prefill(long_prompt))
+    results["bf16_decode_128_tok_s"] = decode(inputs(128))
+    results["bf16_decode_1024_tok_s"] = decode(long_prompt)
+    return results
+
+
+def best(results: list[dict[str, float]]) -> dict[str, float]:
+    """Per measure, the best round: the machine is shared, so slower rounds measure other people's load."""
+    return {key: (min if key.endswith("_s") else max)(r[key] for r in results if key in r) for key in results[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours / original; best kept")
+    parser.add_argument("--original-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.original_only:
+        print(json.dumps(run_original(args.steps)))
+        return
+
+    ours_rounds, original_rounds = [], []
+    for _ in range(args.rounds):
+        ours_rounds.append(run_ours(args.steps))
+        result = original_results(args.steps)
+        if result is not None:
+            original_rounds.append(result)
+    ours = best(ours_rounds)
+    original = best(original_rounds) if original_rounds else {}
+    rows = [
+        ("prefill 1,024 tokens fp32 (s)", "prefill_1024_s", "prefill_1024_s"),
+        ("decode after 128 fp32 (tok/s)", "decode_128_tok_s", "decode_128_tok_s"),
+        ("decode after 1,024 fp32 (tok/s)", "decode_1024_tok_s", "decode_1024_tok_s"),
+        ("load saved model (s)", "load_s", "load_s"),
+        ("prefill 1,024 tokens bf16 (s)", "bf16_prefill_1024_s", None),
+        ("decode after 128 bf16 (tok/s)", "bf16_decode_128_tok_s", None),
+        ("decode after 1,024 bf16 (tok/s)", "bf16_decode_1024_tok_s", None),
+    ]
+    print(f"{'measure':34s} {'ours':>10s} {'original':>10s} {'ours/orig':>10s}")
+    for label, ours_key, original_key in rows:
+        mine, theirs = ours[ours_key], original.get(original_key) if original_key else None
+        ratio = f"{mine / theirs:10.2f}" if theirs else f"{'-':>10s}"
+        theirs_text = f"{theirs:10.3f}" if theirs else f"{'-':>10s}"
+        print(f"{label:34s} {mine:10.3f} {theirs_text} {ratio}")
+    if not original:
+        print("(the original is not available here: only our numbers)")
+
+
+if __name__ == "__main__":
+    main()

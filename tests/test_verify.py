@@ -1,0 +1,64 @@
+"""conversion/verify.py: fixed-input checks of converted repos, and the comparison with the original when present."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ahocorasick_rs
+import pytest
+from _repos import converted_repo
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_PYTHON = Path("/tmp/viscpm-ref/bin/python")
+
+
+def _verify(python: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [python, str(ROOT / "conversion" / "verify.py"), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "flag", "output"), [("cpmbee", "cpmbee", "logits"), ("viscpm_paint", "paint", "pixels")]
+)
+def test_reports_the_converted_outputs_without_the_original(
+    tmp_path_factory: pytest.TempPathFactory, kind: str, flag: str, output: str
+) -> None:
+    repo = converted_repo(tmp_path_factory, kind, remote_code=kind == "viscpm_paint")
+    result = _verify(sys.executable, "--original", "unused.pt", "--converted", str(repo), "--kind", flag, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["kind"] == kind and report["output"] == output
+    assert report["original"] == "the VisCPM package is not importable" and report["max_abs_diff"] is None
+    assert len(report["sha256"]) == 64 and report["abs_max"] > 0
+    if kind == "cpmbee":
+        assert report["shape"][0] == 1 and report["shape"][2] > 86583  # vocabulary + the prompt's ext table
+    else:
+        assert report["shape"] == [1, 3, 32, 32] and 0 <= report["abs_max"] <= 1
+    again = _verify(sys.executable, "--original", "x", "--converted", str(repo), "--kind", flag, "--json")
+    assert json.loads(again.stdout)["sha256"] == report["sha256"]  # a fixed input gives fixed numbers
+
+
+@pytest.mark.skipif(not REFERENCE_PYTHON.exists(), reason="the reference venv (/tmp/viscpm-ref) is not built here")
+def test_compares_with_the_original_and_fails_beyond_tolerance(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    repo = converted_repo(tmp_path_factory, "cpmbee", remote_code=False)
+    original = repo.parent / "cpm-bee-10b.pt"
+    # The reference venv has the original but not our dependencies: lend it ours (same Python version).
+    (tmp_path / "ahocorasick_rs").symlink_to(Path(ahocorasick_rs.__file__).parent)
+    paths = [ROOT / "src", ROOT.parent / "shared" / "reference", tmp_path]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths))}
+    args = ["--original", str(original), "--converted", str(repo), "--kind", "cpmbee"]
+    args += ["--original-config", str(repo.parent / "cpm-bee-10b.json")]
+    result = _verify(str(REFERENCE_PYTHON), *args, "--json", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["original"].startswith("VisCPM ") and report["max_abs_diff"] < 1e-4
+    strict = _verify(str(REFERENCE_PYTHON), *args, "--tolerance", "1e-9", env=env)
+    assert strict.returncode == 1 and "exceeds the tolerance" in strict.stderr
+    assert "max abs logits difference" in strict.stdout

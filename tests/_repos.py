@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformers_viscpm.hub import add_to_hub_cache, export_remote_code
+from transformers_viscpm.hub import add_to_hub_cache
 
 REPO_IDS = {
     "cpmbee": "openbmb/cpm-bee-10b",
@@ -51,7 +51,7 @@ HIDE_PLUGIN = textwrap.dedent(
 )
 
 
-def build_cpmbee(folder: Path) -> Path:
+def build_cpmbee(folder: Path, remote_code: bool) -> Path:
     """Convert a seeded tiny original CPM-Bee checkpoint into ``folder/converted``."""
     from transformers_viscpm.conversion.convert_cpmbee import convert_cpmbee
     from transformers_viscpm.synthetic.cpmbee import original_cpmbee_state_dict, tiny_cpmbee_config
@@ -61,11 +61,15 @@ def build_cpmbee(folder: Path) -> Path:
     torch.save(original_cpmbee_state_dict(cfg, seed=3), folder / "cpm-bee-10b.pt")
     (folder / "cpm-bee-10b.json").write_text(json.dumps(cfg))
     return convert_cpmbee(
-        folder / "cpm-bee-10b.pt", folder / "cpm-bee-10b.json", folder / "converted", show_progress=False
+        folder / "cpm-bee-10b.pt",
+        folder / "cpm-bee-10b.json",
+        folder / "converted",
+        remote_code=remote_code,
+        show_progress=False,
     )
 
 
-def build_viscpm_chat(folder: Path) -> Path:
+def build_viscpm_chat(folder: Path, remote_code: bool) -> Path:
     """Convert a seeded tiny original VisCPM-Chat checkpoint (no MIM head) into ``folder/converted``."""
     from transformers_viscpm.conversion.convert_viscpm_chat import convert_viscpm_chat
     from transformers_viscpm.synthetic.chat import TINY_CHAT_VISION, original_chat_state_dict, tiny_chat_llm_config
@@ -76,11 +80,16 @@ def build_viscpm_chat(folder: Path) -> Path:
     # a heavy `</s>` row ends the random model's answers at once, so that card snippets (512 new tokens) stay fast
     torch.save(original_chat_state_dict(llm_config, include_mim_head=False, eos_scale=10.0), checkpoint)
     return convert_viscpm_chat(
-        checkpoint, folder / "converted", llm_config=llm_config, vision_config=TINY_CHAT_VISION, show_progress=False
+        checkpoint,
+        folder / "converted",
+        llm_config=llm_config,
+        vision_config=TINY_CHAT_VISION,
+        remote_code=remote_code,
+        show_progress=False,
     )
 
 
-def build_viscpm_paint(folder: Path) -> Path:
+def build_viscpm_paint(folder: Path, remote_code: bool) -> Path:
     """Convert a seeded tiny original VisCPM-Paint checkpoint plus a tiny SD-2.1 base into ``folder/converted``."""
     from transformers_viscpm.conversion.convert_viscpm_paint import convert_viscpm_paint
     from transformers_viscpm.synthetic.paint import TINY_PAINT_CPMBEE, original_paint_state_dict, write_sd_base
@@ -90,7 +99,12 @@ def build_viscpm_paint(folder: Path) -> Path:
     torch.save(original_paint_state_dict(), checkpoint)
     write_sd_base(folder / "sd-base")
     return convert_viscpm_paint(
-        checkpoint, folder / "sd-base", folder / "converted", llm_config=TINY_PAINT_CPMBEE, show_progress=False
+        checkpoint,
+        folder / "sd-base",
+        folder / "converted",
+        llm_config=TINY_PAINT_CPMBEE,
+        remote_code=remote_code,
+        show_progress=False,
     )
 
 
@@ -103,10 +117,7 @@ def converted_repo(tmp_path_factory: pytest.TempPathFactory, kind: str, remote_c
     key = (kind, remote_code)
     if key not in _BUILT:
         folder = tmp_path_factory.mktemp(f"{kind}-{'remote' if remote_code else 'plugin'}")
-        out = BUILDERS[kind](folder)
-        if remote_code:
-            export_remote_code(out, kind)
-        _BUILT[key] = out
+        _BUILT[key] = BUILDERS[kind](folder, remote_code)  # the converters' own `--remote-code` path
     return _BUILT[key]
 
 

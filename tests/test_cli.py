@@ -39,7 +39,7 @@ def test_demo_runs_everything(demo) -> None:
         assert f"loaded {piece}" in out
     assert out.count("User: ") == 2 and out.count("AI: ") == 2
     image = Image.open(output / "paint.png")
-    assert image.size == (256, 256) and len(set(image.getdata())) > 1
+    assert image.size == (256, 256) and len(image.getcolors(maxcolors=1 << 16) or range(2)) > 1
     assert (output / "converted" / "VisCPM-Chat-tiny" / "config.json").is_file()
 
 

@@ -19,6 +19,7 @@ import re
 import shutil
 import string
 import struct
+import sys
 import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -622,3 +623,20 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool, c
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model"
     )
     return str(getattr(info, "commit_url", info))
+
+
+def run_converter_cli(convert: Callable[[], Path]) -> int:
+    """Run a converter for its command line: a bad input or output is one `error:` line and exit status 1.
+
+    Caught: `CheckpointError` and other `ValueError`s (bad config, size, dtype), `TypeError`s and `StrictDataclassError`s
+    of configs that do not validate, and `OSError`s (a missing input file, an existing output folder).
+    """
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        out = convert()
+    except (ValueError, TypeError, OSError, StrictDataclassError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0

@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from transformers import GenerationConfig
 
 from .. import __version__
+from ..hub import export_remote_code
 from ..models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from ..models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM
 from ..models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
@@ -39,6 +39,7 @@ from ._io import (
     push_folder_to_hub,
     require_kind,
     resolve_output_dtype,
+    run_converter_cli,
     verify_safetensors_folder,
     write_model_card,
     write_safetensors_shards,
@@ -115,6 +116,7 @@ def convert_cpmbee(
     max_shard_size: int | str = "5GB",
     push_to_hub: str | None = None,
     private: bool = False,
+    remote_code: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
@@ -122,7 +124,8 @@ def convert_cpmbee(
 
     ``dtype=None`` keeps the checkpoint's dtype. Nothing is written unless the whole checkpoint checks out, and
     ``output_dir`` appears only once complete; an existing non-empty ``output_dir`` is replaced only with
-    ``overwrite``. Bad inputs raise :class:`CheckpointError`. With ``push_to_hub`` the finished folder is uploaded.
+    ``overwrite``. Bad inputs raise :class:`CheckpointError`. With ``push_to_hub`` the finished folder is uploaded. With ``remote_code`` the modelling code is written into the folder too (`trust_remote_code` loading
+    without the plugin).
     """
     output_dir = check_output_dir(output_dir, overwrite)
     dtype, max_shard_size = parse_dtype(dtype), parse_size(max_shard_size)
@@ -175,6 +178,8 @@ def convert_cpmbee(
             snippet_max_new_tokens=generation.max_new_tokens,
             dtype=str(out_dtype).removeprefix("torch."),
         )
+        if remote_code:
+            export_remote_code(tmp, "cpmbee")
     if push_to_hub:
         push_folder_to_hub(
             output_dir,
@@ -202,6 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
+    parser.add_argument(
+        "--remote-code", action="store_true", help="also write the modelling code (trust_remote_code loading)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -214,8 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.private and not args.push_to_hub:
         parser.error("--private needs --push-to-hub")
-    try:
-        out = convert_cpmbee(
+    return run_converter_cli(
+        lambda: convert_cpmbee(
             args.checkpoint,
             args.config,
             args.output,
@@ -223,11 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_shard_size=args.max_shard_size,
             push_to_hub=args.push_to_hub,
             private=args.private,
+            remote_code=args.remote_code,
             overwrite=args.overwrite,
             show_progress=not args.quiet,
         )
-    except (ValueError, FileExistsError) as e:  # CheckpointError, a bad config, size or dtype, an existing output
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+    )

@@ -10,16 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from transformers import GenerationConfig
 
 from .. import __version__
+from ..hub import export_remote_code
 from ..models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from ..models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
 from ..models.viscpm_chat.configuration_viscpm_chat import VisCPMChatConfig, VisCPMChatVisionConfig
@@ -41,6 +40,7 @@ from ._io import (
     push_folder_to_hub,
     require_kind,
     resolve_output_dtype,
+    run_converter_cli,
     verify_safetensors_folder,
     write_model_card,
     write_safetensors_shards,
@@ -113,6 +113,7 @@ def convert_viscpm_chat(
     max_shard_size: int | str = "5GB",
     push_to_hub: str | None = None,
     private: bool = False,
+    remote_code: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
@@ -122,7 +123,8 @@ def convert_viscpm_chat(
     overrides fields of the BEiT-3 large configuration. ``dtype=None`` keeps the checkpoint's dtype. Nothing is
     written unless the whole checkpoint checks out, and ``output_dir`` appears only once complete; an existing
     non-empty ``output_dir`` is replaced only with ``overwrite``. Bad inputs raise :class:`CheckpointError`. With
-    ``push_to_hub`` the finished folder is uploaded to that repo.
+    ``push_to_hub`` the finished folder is uploaded to that repo. With ``remote_code`` the modelling code is written into the folder too (`trust_remote_code` loading
+    without the plugin).
     """
     output_dir = check_output_dir(output_dir, overwrite)
     source = OriginalCheckpoint(checkpoint)
@@ -177,6 +179,8 @@ def convert_viscpm_chat(
             dtype=str(out_dtype).removeprefix("torch."),
             dropped_keys=", ".join(sorted(mapping.dropped)) or "none",
         )
+        if remote_code:
+            export_remote_code(tmp, "viscpm_chat")
     if push_to_hub:
         push_folder_to_hub(
             output_dir,
@@ -211,6 +215,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
+    parser.add_argument(
+        "--remote-code", action="store_true", help="also write the modelling code (trust_remote_code loading)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -227,8 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--vision-config is not valid JSON: {e}")
     if vision_config is not None and not isinstance(vision_config, dict):
         parser.error("--vision-config must be a JSON object")
-    try:
-        out = convert_viscpm_chat(
+    return run_converter_cli(
+        lambda: convert_viscpm_chat(
             args.checkpoint,
             args.output,
             llm_config=args.llm_config,
@@ -237,12 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_shard_size=args.max_shard_size,
             push_to_hub=args.push_to_hub,
             private=args.private,
+            remote_code=args.remote_code,
             overwrite=args.overwrite,
             show_progress=not args.quiet,
         )
-    except (CheckpointError, FileExistsError, StrictDataclassError, ValueError, TypeError) as e:
-        # Beyond the checkpoint and the output folder: a config (override) that does not validate.
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+    )

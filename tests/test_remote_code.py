@@ -84,7 +84,13 @@ def test_exported_transformers_repo(tmp_path_factory: pytest.TempPathFactory, ki
             "AutoModel": "modeling_cpmbee.CpmBeeModel",
             "AutoModelForCausalLM": "modeling_cpmbee.CpmBeeForCausalLM",
         }
-        assert modules == {"configuration_cpmbee", "modeling_cpmbee", "tokenization_cpmbee", "encoding_cpmbee"}
+        assert modules == {
+            "configuration_cpmbee",
+            "modeling_cpmbee",
+            "generation_cpmbee",
+            "tokenization_cpmbee",
+            "encoding_cpmbee",
+        }
     else:
         assert config["auto_map"]["AutoModelForImageTextToText"] == (
             "modeling_viscpm_chat.VisCPMChatForConditionalGeneration"

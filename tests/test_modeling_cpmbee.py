@@ -372,7 +372,7 @@ def test_save_and_load_roundtrip(tmp_path):
 
 
 def test_config_from_original_file_and_aliases():
-    config = CpmBeeConfig.from_original_config(Path(__file__).parents[1] / "../shared/reference/cpm-bee-10b.json")
+    config = CpmBeeConfig.from_original_config(Path(__file__).parent / "fixtures" / "cpm-bee-10b.json")
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim) == (
         4096,
         48,

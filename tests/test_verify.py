@@ -14,6 +14,8 @@ from _repos import converted_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_PYTHON = Path("/tmp/viscpm-ref/bin/python")
+# The CPU shim of the original (`original_on_cpu`), in the workspace's shared reference folder when there is one.
+REFERENCE_SHIM = ROOT.parent / "shared" / "reference"
 
 
 def _verify(python: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -43,7 +45,10 @@ def test_reports_the_converted_outputs_without_the_original(
     assert json.loads(again.stdout)["sha256"] == report["sha256"]  # a fixed input gives fixed numbers
 
 
-@pytest.mark.skipif(not REFERENCE_PYTHON.exists(), reason="the reference venv (/tmp/viscpm-ref) is not built here")
+@pytest.mark.skipif(
+    not (REFERENCE_PYTHON.exists() and (REFERENCE_SHIM / "original_on_cpu.py").exists()),
+    reason="the reference venv (/tmp/viscpm-ref) or ../shared/reference is not here",
+)
 def test_compares_with_the_original_and_fails_beyond_tolerance(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
@@ -51,7 +56,7 @@ def test_compares_with_the_original_and_fails_beyond_tolerance(
     original = repo.parent / "cpm-bee-10b.pt"
     # The reference venv has the original but not our dependencies: lend it ours (same Python version).
     (tmp_path / "ahocorasick_rs").symlink_to(Path(ahocorasick_rs.__file__).parent)
-    paths = [ROOT / "src", ROOT.parent / "shared" / "reference", tmp_path]
+    paths = [ROOT / "src", REFERENCE_SHIM, tmp_path]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths))}
     args = ["--original", str(original), "--converted", str(repo), "--kind", "cpmbee"]
     args += ["--original-config", str(repo.parent / "cpm-bee-10b.json")]

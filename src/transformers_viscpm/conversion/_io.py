@@ -10,6 +10,7 @@ one :class:`CheckpointError` that names the file or the key.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import mmap
@@ -640,3 +641,16 @@ def run_converter_cli(convert: Callable[[], Path]) -> int:
         return 1
     print(out)
     return 0
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every converter shares: output dtype, sharding, overwrite, hub push, remote code, progress."""
+    parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="output dtype (default: the checkpoint's)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
+    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
+    parser.add_argument(
+        "--remote-code", action="store_true", help="also write the modelling code (trust_remote_code loading)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -26,10 +26,10 @@ from ..models.viscpm_chat.image_processing_viscpm_chat import VisCPMChatImagePro
 from ..models.viscpm_chat.modeling_viscpm_chat import BEAM_TEMPERATURE_FIELD, VisCPMChatForConditionalGeneration
 from ..models.viscpm_chat.processing_viscpm_chat import VisCPMChatProcessor
 from ._io import (
-    OUTPUT_DTYPES,
     CheckpointError,
     KeyRule,
     OriginalCheckpoint,
+    add_output_arguments,
     atomic_output_dir,
     build_meta_model,
     check_against_expected,
@@ -210,15 +210,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="BEiT-3 overrides as JSON, e.g. '{\"num_hidden_layers\": 12}' (default: BEiT-3 large)",
     )
-    parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="output dtype (default: the checkpoint's)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
-    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
-    parser.add_argument(
-        "--remote-code", action="store_true", help="also write the modelling code (trust_remote_code loading)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_arguments(parser)
     return parser
 
 

@@ -27,11 +27,11 @@ from ..models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from ..models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
 from ..pipelines.viscpm_paint import VisCPMPaintPipeline, VisCPMPaintTextEncoder, VisCPMPaintTextEncoderConfig
 from ._io import (
-    OUTPUT_DTYPES,
     CheckpointError,
     KeyMapping,
     KeyRule,
     OriginalCheckpoint,
+    add_output_arguments,
     atomic_output_dir,
     build_meta_model,
     check_against_expected,
@@ -317,15 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="output folder (created atomically)")
     parser.add_argument("--llm-config", help="original CPM-Bee config JSON (default: the released 10B)")
-    parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="output dtype (default: the checkpoint's)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
-    parser.add_argument("--private", action="store_true", help="create the hub repo as private")
-    parser.add_argument(
-        "--remote-code", action="store_true", help="also write the modelling code (trust_remote_code loading)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_arguments(parser)
     return parser
 
 

@@ -50,13 +50,32 @@ from transformers import BatchEncoding
 if TYPE_CHECKING:
     from .tokenization_cpmbee import CpmBeeTokenizer
 
-__all__ = ["CpmBeeMarkup", "CpmBeeSampleInfo", "encode_structured", "image_placeholder"]
+__all__ = [
+    "PER_TOKEN_KEYS",
+    "STRUCTURE_KEYS",
+    "CpmBeeMarkup",
+    "CpmBeeSampleInfo",
+    "encode_structured",
+    "image_placeholder",
+]
 
 ANSWER_KEY = "<ans>"
 IMAGE_KEY = "image"
 ROOT_MARKUP = "<root>"
 # Relation buckets count tree steps up to this depth (the original's `max_depth`).
 MAX_DEPTH = 8
+# Per-token structure tensors of an encoding (DESIGN.md): they describe every token, cached or current.
+STRUCTURE_KEYS = (
+    "position_ids",
+    "context",
+    "sample_ids",
+    "num_segments",
+    "segment_ids",
+    "segment_rel_offset",
+    "attention_mask",
+)
+# All per-token tensors (ids and structure); each is 0 / False on left padding.
+PER_TOKEN_KEYS = ("input_ids", "input_id_subs", *STRUCTURE_KEYS)
 
 
 class CpmBeeMarkup(str):

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, PreTrainedConfig
 
-from .encoding_cpmbee import CpmBeeSampleInfo, encode_structured
+from .encoding_cpmbee import STRUCTURE_KEYS, CpmBeeSampleInfo, encode_structured
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding
@@ -68,17 +68,6 @@ __all__ = [
 
 # The logit the original gives to ids a sample cannot generate (not -inf: the repetition penalty may scale it).
 MASKED_LOGIT = -10000.0
-
-# Per-token structure tensors of the prompt (DESIGN.md); the beam search extends them with every fed token.
-_STRUCTURE_KEYS = (
-    "position_ids",
-    "context",
-    "sample_ids",
-    "num_segments",
-    "segment_ids",
-    "segment_rel_offset",
-    "attention_mask",
-)
 
 
 class CpmBeeExtTableLogitsProcessor(LogitsProcessor):
@@ -279,7 +268,7 @@ def cpmbee_beam_search(
     if mask_ext_and_unk is None:
         raise ValueError("model_inputs need `allow_unk` and `ext_table_mask` (see `encode_structured`)")
 
-    prompt_inputs = {key: model_inputs[key] for key in _STRUCTURE_KEYS}
+    prompt_inputs = {key: model_inputs[key] for key in STRUCTURE_KEYS}
     prompt_inputs.update(
         segment_rel=model_inputs["segment_rel"],
         ext_table_ids=model_inputs["ext_table_ids"],
@@ -295,7 +284,7 @@ def cpmbee_beam_search(
     def expand(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.repeat_interleave(beams_per_sample, dim=0)
 
-    structure = {key: expand(model_inputs[key]) for key in _STRUCTURE_KEYS}
+    structure = {key: expand(model_inputs[key]) for key in STRUCTURE_KEYS}
     # A generated token sees the prompt and the earlier generated tokens and borrows the last prompt token's
     # sample bookkeeping (`num_segments`, `segment_rel_offset`), as the original's incremental inference does.
     generated_structure = {
@@ -338,7 +327,7 @@ def cpmbee_beam_search(
             position_ids=column([beam.next_position for beam in flat]),
             segment_ids=column([beam.next_segment for beam in flat]),
         )
-        for key in _STRUCTURE_KEYS:
+        for key in STRUCTURE_KEYS:
             structure[key] = torch.cat([structure[key], step_structure[key].to(structure[key].dtype)], dim=1)
         outputs = model(
             input_ids=next_ids,

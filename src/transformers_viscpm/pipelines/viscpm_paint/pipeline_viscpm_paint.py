@@ -37,7 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ...models.cpmbee.encoding_cpmbee import encode_structured
+from ...models.cpmbee.encoding_cpmbee import PER_TOKEN_KEYS, encode_structured
 from ...models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
 from .text_encoder_viscpm_paint import VisCPMPaintTextEncoder
 
@@ -46,19 +46,6 @@ __all__ = ["VisCPMPaintPipeline", "paint_prompt"]
 # The released prompt checker (a BERT classifier) calls a prompt unsafe when label 1 wins with p > 0.75.
 PROMPT_UNSAFE_LABEL = 1
 PROMPT_UNSAFE_THRESHOLD = 0.75
-
-# Per-token tensors of a CPM-Bee encoding: all are 0 / False on left padding (DESIGN.md).
-_PER_TOKEN_KEYS = (
-    "input_ids",
-    "input_id_subs",
-    "position_ids",
-    "context",
-    "sample_ids",
-    "num_segments",
-    "segment_ids",
-    "segment_rel_offset",
-    "attention_mask",
-)
 
 
 def paint_prompt(caption: str) -> dict[str, str]:
@@ -75,7 +62,7 @@ def _left_pad(encoding: Mapping[str, torch.Tensor], length: int) -> dict[str, to
             " `prompt_embeds` and `negative_prompt_embeds` (from `encode_prompt`) or neither."
         )
     padded = dict(encoding)
-    for key in _PER_TOKEN_KEYS:
+    for key in PER_TOKEN_KEYS:
         value = encoding[key]
         padded[key] = torch.cat([value.new_zeros(value.shape[0], length - current), value], dim=1)
     return padded

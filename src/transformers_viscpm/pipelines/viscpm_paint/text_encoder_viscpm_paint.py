@@ -39,6 +39,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
 
 from ...models.cpmbee.configuration_cpmbee import CpmBeeConfig
+from ...models.cpmbee.encoding_cpmbee import PER_TOKEN_KEYS
 from ...models.cpmbee.modeling_cpmbee import CpmBeeModel
 
 __all__ = ["VisCPMPaintTextEncoder", "VisCPMPaintTextEncoderConfig"]
@@ -89,18 +90,7 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
     _no_split_modules = ["CpmBeeTransformerBlock"]
     _supports_sdpa = True
     # The CPM-Bee tensors of a structured encoding (DESIGN.md) that `forward` takes.
-    encoder_input_names = (
-        "input_ids",
-        "input_id_subs",
-        "position_ids",
-        "context",
-        "sample_ids",
-        "num_segments",
-        "segment_ids",
-        "segment_rel_offset",
-        "segment_rel",
-        "attention_mask",
-    )
+    encoder_input_names = (*PER_TOKEN_KEYS, "segment_rel")
 
     def __init__(self, config: VisCPMPaintTextEncoderConfig) -> None:
         super().__init__(config)

@@ -45,19 +45,26 @@ def test_reports_the_converted_outputs_without_the_original(
     assert json.loads(again.stdout)["sha256"] == report["sha256"]  # a fixed input gives fixed numbers
 
 
-@pytest.mark.skipif(
+needs_reference = pytest.mark.skipif(
     not (REFERENCE_PYTHON.exists() and (REFERENCE_SHIM / "original_on_cpu.py").exists()),
     reason="the reference venv (/tmp/viscpm-ref) or ../shared/reference is not here",
 )
+
+
+def _reference_env(tmp_path: Path) -> dict:
+    # The reference venv has the original but not our dependencies: lend it ours (same Python version).
+    (tmp_path / "ahocorasick_rs").symlink_to(Path(ahocorasick_rs.__file__).parent)
+    paths = [ROOT / "src", REFERENCE_SHIM, tmp_path]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths))}
+
+
+@needs_reference
 def test_compares_with_the_original_and_fails_beyond_tolerance(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
     repo = converted_repo(tmp_path_factory, "cpmbee", remote_code=False)
     original = repo.parent / "cpm-bee-10b.pt"
-    # The reference venv has the original but not our dependencies: lend it ours (same Python version).
-    (tmp_path / "ahocorasick_rs").symlink_to(Path(ahocorasick_rs.__file__).parent)
-    paths = [ROOT / "src", REFERENCE_SHIM, tmp_path]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths))}
+    env = _reference_env(tmp_path)
     args = ["--original", str(original), "--converted", str(repo), "--kind", "cpmbee"]
     args += ["--original-config", str(repo.parent / "cpm-bee-10b.json")]
     result = _verify(str(REFERENCE_PYTHON), *args, "--json", env=env)
@@ -67,3 +74,32 @@ def test_compares_with_the_original_and_fails_beyond_tolerance(
     strict = _verify(str(REFERENCE_PYTHON), *args, "--tolerance", "1e-9", env=env)
     assert strict.returncode == 1 and "exceeds the tolerance" in strict.stderr
     assert "max abs logits difference" in strict.stdout
+
+
+@needs_reference
+@pytest.mark.parametrize(
+    ("kind", "flag", "checkpoint", "output"),
+    [
+        ("viscpm_chat", "chat", "viscpm_chat_balance_checkpoint.pt", "logits"),
+        ("viscpm_paint", "paint", "viscpm_paint_balance_checkpoint.pt", "pixels"),
+    ],
+)
+def test_compares_chat_and_paint_with_the_original(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, kind: str, flag: str, checkpoint: str, output: str
+) -> None:
+    # The original is built from the checkpoint and the repo's sizes (no --original-config), and for Paint the
+    # repo's VAE and scheduler, which the original checkpoint lacks.
+    repo = converted_repo(tmp_path_factory, kind, remote_code=False)
+    env = _reference_env(tmp_path)
+    args = ["--original", str(repo.parent / checkpoint), "--converted", str(repo), "--kind", flag]
+    result = _verify(str(REFERENCE_PYTHON), *args, "--json", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["kind"] == kind and report["output"] == output
+    assert report["original"].startswith("VisCPM ") and report["max_abs_diff"] < 1e-4
+    if kind == "viscpm_paint":
+        assert report["shape"] == [1, 3, 32, 32]
+    strict = _verify(str(REFERENCE_PYTHON), *args, "--tolerance", "0", env=env)
+    if float(strict.stdout.rsplit(" ", 1)[-1]) > 0:
+        assert strict.returncode == 1 and "exceeds the tolerance" in strict.stderr
+    assert f"max abs {output} difference" in strict.stdout

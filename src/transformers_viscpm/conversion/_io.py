@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import mmap
 import os
 import pickle
@@ -26,6 +27,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
@@ -626,16 +628,36 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool, c
     return str(getattr(info, "commit_url", info))
 
 
-def run_converter_cli(convert: Callable[[], Path]) -> int:
-    """Run a converter for its command line: a bad input or output is one `error:` line and exit status 1.
+def run_converter_cli(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    convert: Callable[[argparse.Namespace, dict[str, Any]], Path],
+) -> int:
+    """Parse a converter's command line and run it: a bad input or output is one `error:` line and exit status 1.
 
-    Caught: `CheckpointError` and other `ValueError`s (bad config, size, dtype), `TypeError`s and `StrictDataclassError`s
-    of configs that do not validate, and `OSError`s (a missing input file, an existing output folder).
+    `convert(args, options)` gets the parsed arguments and the keyword arguments of the shared options
+    (`add_output_arguments`). Caught: `CheckpointError` and other `ValueError`s (bad config, size, dtype),
+    `TypeError`s and `StrictDataclassError`s of configs that do not validate, and `OSError`s (a missing input file,
+    an existing output folder).
     """
     from huggingface_hub.errors import StrictDataclassError
 
+    args = parser.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        parser.error("--private needs --push-to-hub")
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = dict(
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        remote_code=args.remote_code,
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+    )
     try:
-        out = convert()
+        out = convert(args, options)
     except (ValueError, TypeError, OSError, StrictDataclassError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

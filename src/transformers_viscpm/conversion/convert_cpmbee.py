@@ -208,23 +208,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (1 with a one-line message for a bad input or output)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not args.quiet:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.private and not args.push_to_hub:
-        parser.error("--private needs --push-to-hub")
     return run_converter_cli(
-        lambda: convert_cpmbee(
-            args.checkpoint,
-            args.config,
-            args.output,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            remote_code=args.remote_code,
-            overwrite=args.overwrite,
-            show_progress=not args.quiet,
-        )
+        _parser(), argv, lambda args, options: convert_cpmbee(args.checkpoint, args.config, args.output, **options)
     )

@@ -215,29 +215,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (1 with a one-line message for a bad input)."""
+    """Command line entry point; returns the exit status (1 with a one-line message for a bad input or output)."""
     parser = _parser()
-    args = parser.parse_args(argv)
-    if args.private and not args.push_to_hub:
-        parser.error("--private needs --push-to-hub")
-    try:
-        vision_config = json.loads(args.vision_config) if args.vision_config else None
-    except ValueError as e:
-        parser.error(f"--vision-config is not valid JSON: {e}")
-    if vision_config is not None and not isinstance(vision_config, dict):
-        parser.error("--vision-config must be a JSON object")
-    return run_converter_cli(
-        lambda: convert_viscpm_chat(
-            args.checkpoint,
-            args.output,
-            llm_config=args.llm_config,
-            vision_config=vision_config,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            remote_code=args.remote_code,
-            overwrite=args.overwrite,
-            show_progress=not args.quiet,
+
+    def convert(args: argparse.Namespace, options: dict[str, Any]) -> Path:
+        try:
+            vision_config = json.loads(args.vision_config) if args.vision_config else None
+        except ValueError as e:
+            parser.error(f"--vision-config is not valid JSON: {e}")
+        if vision_config is not None and not isinstance(vision_config, dict):
+            parser.error("--vision-config must be a JSON object")
+        return convert_viscpm_chat(
+            args.checkpoint, args.output, llm_config=args.llm_config, vision_config=vision_config, **options
         )
-    )
+
+    return run_converter_cli(parser, argv, convert)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -323,24 +322,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status (1 with a one-line message for a bad input or output)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not args.quiet:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.private and not args.push_to_hub:
-        parser.error("--private needs --push-to-hub")
     return run_converter_cli(
-        lambda: convert_viscpm_paint(
-            args.checkpoint,
-            args.sd_base,
-            args.output,
-            llm_config=args.llm_config,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            remote_code=args.remote_code,
-            overwrite=args.overwrite,
-            show_progress=not args.quiet,
-        )
+        _parser(),
+        argv,
+        lambda args, options: convert_viscpm_paint(
+            args.checkpoint, args.sd_base, args.output, llm_config=args.llm_config, **options
+        ),
     )

@@ -449,7 +449,8 @@ def write_safetensors_shards(
 ) -> dict[str, TensorSpec]:
     """Stream the mapped tensors into shards named like transformers' (plus the index when there are several).
 
-    Returns the specs written, by target name, for :func:`verify_safetensors_folder`.
+    What was written is re-read and checked (:func:`verify_safetensors_folder`) before returning the specs written,
+    by target name.
     """
     output_dir = Path(output_dir)
     written = {
@@ -476,6 +477,7 @@ def write_safetensors_shards(
         }
         index_name = filename_pattern.format(suffix="") + ".index.json"
         (output_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    verify_safetensors_folder(output_dir, written, filename_pattern)
     return written
 
 

@@ -19,6 +19,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_pipeline_viscpm_paint import draws_match_float32
 
 import transformers_viscpm  # noqa: F401  (registers the pipeline with diffusers)
 from transformers_viscpm.conversion import CheckpointError
@@ -199,7 +200,8 @@ def test_dtypes_and_sharding(
     assert {pipe.text_encoder.dtype, pipe.unet.dtype, pipe.vae.dtype} == {expected}
     images = _generate(pipe, CASES["zh_cfg"])
     assert np.isfinite(images).all()
-    assert float(np.abs(images - np.asarray(CASES["zh_cfg"]["images"])).max()) < 0.1
+    if draws_match_float32(expected):  # else a 16-bit pipeline denoises other noise than the original's fp32 one
+        assert float(np.abs(images - np.asarray(CASES["zh_cfg"]["images"])).max()) < 0.1
     assert "zhplus" in (out / "README.md").read_text()
 
 

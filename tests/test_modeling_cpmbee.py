@@ -9,11 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    CompileConfig,
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StaticCache,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from transformers_viscpm.models.cpmbee.configuration_cpmbee import CpmBeeConfig
-from transformers_viscpm.models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM, cpmbee_attention_layout
+from transformers_viscpm.models.cpmbee.modeling_cpmbee import (
+    CpmBeeAttention,
+    CpmBeeForCausalLM,
+    cpmbee_attention_layout,
+    project_to_vocabulary,
+)
 from transformers_viscpm.synthetic.cpmbee import original_cpmbee_state_dict, tiny_cpmbee_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -175,6 +187,75 @@ def test_cache_path_equals_full_recompute():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["masked", "real_buckets"])
+def test_static_cache_steps_match_original(name):
+    """`cache_implementation="static"`: preallocated keys, the unused slots masked; the answer's `<s>` has a slot."""
+    fixture = load_fixture(name)
+    forced = ForceTokens(fixture["forced"]["tokens"])
+    out = generate_steps(fixture_model(name), fixture, forced, cache_implementation="static")
+    assert out.sequences[:, -4:].tolist() == fixture["forced"]["tokens"]
+    for logits, record in zip(out.logits, fixture["forced"]["steps"], strict=True):
+        assert_matches_record(logits, record, fixture["vocab_subset"])
+
+
+def test_static_cache_is_not_compiled_unless_asked(monkeypatch):
+    """On a GPU, stock `generate` compiles the forward whenever the cache is static; CPM-Bee's growing step inputs
+    would recompile it every step, so only an explicit `compile_config` compiles."""
+    model = fixture_model("small")
+    monkeypatch.setattr(CpmBeeForCausalLM, "device", property(lambda self: torch.device("cuda")))
+    kwargs = {"cache": StaticCache(config=model.config, max_cache_len=8)}
+    assert not model._valid_auto_compile_criteria(kwargs, GenerationConfig(cache_implementation="static"))
+    explicit = GenerationConfig(cache_implementation="static", compile_config=CompileConfig())
+    assert model._valid_auto_compile_criteria(kwargs, explicit)
+
+
+def test_single_low_precision_query_takes_the_eager_maths_under_sdpa():
+    """CPU SDPA is 4-5x slower than two matmuls for one bf16 query, so decoding steps use the eager maths there."""
+    outputs = {}
+    for implementation in ("sdpa", "eager"):
+        config = CpmBeeConfig.from_original_config(tiny_cpmbee_config(), attn_implementation=implementation)
+        torch.manual_seed(0)
+        attention = CpmBeeAttention(config, cache_idx=0).to(torch.bfloat16).eval()
+        generator = torch.Generator().manual_seed(1)
+        past = [torch.randn(1, 2, 37, 32, generator=generator).to(torch.bfloat16) for _ in range(2)]
+        cache = DynamicCache()
+        cache.update(*past, 0)
+        hidden = torch.randn(1, 1, 64, generator=generator).to(torch.bfloat16)
+        bias = torch.randn(1, 2, 1, 38, generator=generator).to(torch.bfloat16)
+        with torch.no_grad():
+            outputs[implementation], _ = attention(hidden, bias, None, cache=cache)
+    assert torch.equal(outputs["sdpa"], outputs["eager"])
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [
+        ((1, 1), torch.float32),
+        ((3, 1), torch.float32),
+        ((2, 3), torch.float32),
+        ((5, 13), torch.float32),
+        ((3, 1), torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_vocabulary_projection_equals_the_linear_layer(shape, dtype, threads):
+    """The fp32 CPU route (batched matmul over vocabulary blocks) computes `lm_head(x)`; others are `lm_head(x)`."""
+    lm_head = torch.nn.Linear(48, 1001, bias=False).to(dtype)  # a vocabulary the blocks do not divide
+    hidden = torch.randn(*shape, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            logits, expected = project_to_vocabulary(hidden, lm_head), lm_head(hidden)
+    finally:
+        torch.set_num_threads(previous)
+    assert logits.shape == (*shape, 1001)
+    if dtype == torch.float32:
+        torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+    else:
+        assert torch.equal(logits, expected)
+
+
 def test_eager_and_sdpa_agree_on_incremental_steps():
     fixture = load_fixture("small")
     forced = ForceTokens(fixture["forced"]["tokens"])
@@ -286,6 +367,8 @@ def test_plain_input_ids_are_a_causal_lm():
     config.use_cache = False
     recomputed = model.generate(input_ids=padded, attention_mask=mask, generation_config=config)
     assert torch.equal(cached, recomputed)
+    config.use_cache, config.cache_implementation = True, "static"
+    assert torch.equal(model.generate(input_ids=padded, attention_mask=mask, generation_config=config), cached)
 
 
 def test_attention_layout_rules():
@@ -364,11 +447,15 @@ def test_save_and_load_roundtrip(tmp_path):
     assert "cpmbee.encoder.layers.2.ffn.layernorm_before_ffn.weight" not in keys
     loaded = CpmBeeForCausalLM.from_pretrained(tmp_path, device_map="auto")
     assert loaded.lm_head.weight is loaded.cpmbee.input_embedding.weight
+    loaded_state = loaded.state_dict()  # "auto" is the GPU where there is one
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded_state[name].cpu(), tensor, atol=0, rtol=0, msg=name)
     inputs = fixture_inputs(fixture)
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(**inputs, logits_to_keep=2).logits, model(**inputs, logits_to_keep=2).logits, atol=0, rtol=0
-        )
+        # Not bit-exact: MKL's summation order in the vocabulary projection depends on the weights' alignment.
+        logits = loaded(**{k: v.to(loaded.device) for k, v in inputs.items()}, logits_to_keep=2).logits.cpu()
+        tolerance = 1e-6 if loaded.device.type == "cpu" else ATOL
+        torch.testing.assert_close(logits, model(**inputs, logits_to_keep=2).logits, atol=tolerance, rtol=tolerance)
 
 
 def test_config_from_original_file_and_aliases():

@@ -211,7 +211,8 @@ def test_stock_generate_and_streaming(model, image):
 
 
 def test_image_text_to_text_pipeline(model, image):
-    pipe = pipeline("image-text-to-text", model=model, processor=model.default_processor)
+    # pipeline() moves a model to the first accelerator unless told otherwise, and `model` is shared by the module
+    pipe = pipeline("image-text-to-text", model=model, processor=model.default_processor, device=model.device)
     question = "请描述这张图片。"
     expected = model.generate(**model.default_processor(images=image, text=question), max_new_tokens=6, num_beams=1)
     expected_text = model.default_processor.tokenizer.decode(expected[0, -6:].tolist())

@@ -105,6 +105,20 @@ def generate(pipe: VisCPMPaintPipeline, prompt="一只可爱的猫，油画风�
     return pipe(prompt, **kwargs)
 
 
+def draws_match_float32(dtype: torch.dtype) -> bool:
+    """Whether a CPU generator draws float32's normal samples (rounded) when asked for `dtype`.
+
+    Only then does a 16-bit pipeline denoise the same noise as the fp32 one and its image compare with fp32's. torch
+    2.13 draws so; with torch 2.11 (the GPU machine's) the fp16 image of the same seed was another picture (max
+    difference 1.0, on CPU and GPU alike, though every component stayed within 3e-3 of fp32): its CPU sampler makes
+    16-bit draws its own way (cf. pytorch/pytorch#166853).
+    """
+    shape = (2, 4, 8, 8)
+    low = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    high = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    return torch.allclose(low.float(), high, atol=0.02, rtol=0.01)
+
+
 def max_diff(a, b) -> float:
     a, b = (x.detach().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64) for x in (a, b))
     return float(np.abs(a - b).max())
@@ -352,7 +366,8 @@ def test_half_precision(sd_base: Path, dtype: torch.dtype) -> None:
     assert embeds.dtype == dtype
     images = generate(pipe).images
     assert images.dtype == np.float32 and np.isfinite(images).all()
-    assert max_diff(images, reference) < 0.1
+    if draws_match_float32(dtype):
+        assert max_diff(images, reference) < 0.1
 
 
 # --- optional components -----------------------------------------------------------------------------------

@@ -123,6 +123,39 @@ def cpmbee_attention_layout(
     return buckets, mask, query_valid
 
 
+def project_to_vocabulary(hidden_states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+    """`lm_head(hidden_states)`, by a faster route for a few rows in fp32 on CPU.
+
+    There `F.linear` reaches MKL's GEMV for `x @ W.T`, which streams the `(vocab, dim)` matrix at a third of the
+    memory bandwidth and costs each extra row (beam) as much again: 11 ms per row for 86,583 x 512 on 2 cores, two
+    thirds of an fp32 decoding step. The same products as one batched matmul over vocabulary blocks,
+    `bmm(W_blocks, x.T)`, read `W` once at full speed: 2.4x for one row, 5.5x for three (see
+    `benchmarks/bench_cpmbee.py`). Other devices, dtypes, many rows or a wrapped `lm_head` keep `F.linear`.
+    """
+    weight = lm_head.weight
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    plain = (
+        hidden_states.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or hidden_states.dtype != torch.float32
+        or rows.shape[0] > 64
+        or type(lm_head) is not nn.Linear
+        or lm_head._forward_hooks
+        or lm_head._forward_pre_hooks
+        or hasattr(lm_head, "_hf_hook")
+    )
+    if plain:
+        return lm_head(hidden_states)
+    num_blocks = max(2, torch.get_num_threads())
+    vocab, dim = weight.shape
+    blocked = vocab - vocab % num_blocks
+    blocks = weight[:blocked].view(num_blocks, -1, dim)
+    logits = torch.bmm(blocks, rows.t().expand(num_blocks, dim, rows.shape[0]))  # (blocks, vocab / blocks, rows)
+    logits = torch.cat([logits.permute(2, 0, 1).reshape(rows.shape[0], blocked), F.linear(rows, weight[blocked:])], 1)
+    return logits.view(*hidden_states.shape[:-1], vocab)
+
+
 class CpmBeeRMSNorm(nn.Module):
     """RMSNorm whose statistics are computed in fp32 whatever the weight dtype (as the original)."""
 
@@ -132,10 +165,8 @@ class CpmBeeRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        variance = hidden_states.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
-        hidden_states = (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(input_dtype)
-        return hidden_states * self.weight
+        normed = F.rms_norm(hidden_states.float(), self.weight.shape, eps=self.variance_epsilon)
+        return normed.to(hidden_states.dtype) * self.weight
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -175,6 +206,13 @@ def cpmbee_eager_attention_forward(
     return attn_output, attn_weights
 
 
+def _slow_sdpa_case(query: torch.Tensor) -> bool:
+    """One bf16/fp16 query on CPU (a decoding step): PyTorch's CPU SDPA kernels take 4-5x longer there than the two
+    matmuls of the eager path (350 vs 75 us over 1,024 keys, 8 heads of 64), which made decoding slow down with the
+    prompt length. The eager path computes the same softmax attention."""
+    return query.device.type == "cpu" and query.shape[2] == 1 and query.dtype in (torch.bfloat16, torch.float16)
+
+
 class CpmBeeAttention(nn.Module):
     """Multi-head self-attention; every projection divides by `sqrt(fan_in)` after the matmul."""
 
@@ -196,7 +234,7 @@ class CpmBeeAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
-        query_valid: torch.Tensor,
+        padding_queries: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -213,6 +251,8 @@ class CpmBeeAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, cpmbee_eager_attention_forward
         )
+        if self.config._attn_implementation == "sdpa" and _slow_sdpa_case(query_states):
+            attention_interface = cpmbee_eager_attention_forward
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -224,10 +264,11 @@ class CpmBeeAttention(nn.Module):
             is_causal=False,
             **kwargs,
         )
-        # Padding queries attend to nothing: the original's softmax over an all -inf row, zeroed.
-        attn_output = attn_output.masked_fill(~query_valid[:, :, None, None], 0.0)
-        if attn_weights is not None:
-            attn_weights = attn_weights.masked_fill(~query_valid[:, None, :, None], 0.0)
+        if padding_queries is not None:
+            # Padding queries attend to nothing: the original's softmax over an all -inf row, zeroed.
+            attn_output = attn_output.masked_fill(padding_queries[:, :, None, None], 0.0)
+            if attn_weights is not None:
+                attn_weights = attn_weights.masked_fill(padding_queries[:, None, :, None], 0.0)
         attn_output = attn_output.reshape(batch, length, -1)
         attn_output = self.attention_out(attn_output).div_(math.sqrt(attn_output.shape[-1]))
         return attn_output, attn_weights
@@ -244,12 +285,12 @@ class CpmBeeSelfAttentionBlock(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
-        query_valid: torch.Tensor,
+        padding_queries: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         x = self.layernorm_before_attention(hidden_states)
-        x, _ = self.self_attention(x, attention_bias, query_valid, cache=cache, **kwargs)
+        x, _ = self.self_attention(x, attention_bias, padding_queries, cache=cache, **kwargs)
         x = F.dropout(x, p=self.dropout_p, training=self.training)
         return (hidden_states + x) / 1.05
 
@@ -305,12 +346,12 @@ class CpmBeeTransformerBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
-        query_valid: torch.Tensor,
+        padding_queries: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         if self.self_att is not None:
-            hidden_states = self.self_att(hidden_states, attention_bias, query_valid, cache=cache, **kwargs)
+            hidden_states = self.self_att(hidden_states, attention_bias, padding_queries, cache=cache, **kwargs)
         if self.ffn is not None:
             hidden_states = self.ffn(hidden_states)
         return hidden_states
@@ -332,12 +373,12 @@ class CpmBeeEncoder(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
-        query_valid: torch.Tensor,
+        padding_queries: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_bias, query_valid, cache=cache, **kwargs)
+            hidden_states = layer(hidden_states, attention_bias, padding_queries, cache=cache, **kwargs)
         return self.output_layernorm(hidden_states)
 
 
@@ -392,8 +433,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
     def embed_input_ids(self, input_ids: torch.Tensor, input_id_subs: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings as the layers consume them: `E[id] / sqrt(dim)`, rotated by the sub-id."""
         embeds = self.input_embedding(input_ids) / math.sqrt(self.config.dim_model)
-        if input_id_subs is None:
-            return embeds
+        if input_id_subs is None or not bool(input_id_subs.any()):
+            return embeds  # rotating by 0 is the identity
         return rotate_by_sub_ids(embeds, input_id_subs)
 
     def attention_bias(
@@ -456,7 +497,10 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             cache = DynamicCache(config=self.config)
 
         batch, query_length = inputs_embeds.shape[:2]
-        total_length = query_length + (cache.get_seq_length() if cache is not None else 0)
+        # `int`: a static cache counts its tokens in a tensor.
+        total_length = query_length + (int(cache.get_seq_length()) if cache is not None else 0)
+        # A static cache hands attention all its `max_cache_len` slots, the unused ones masked out below.
+        key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else total_length
         device = inputs_embeds.device
         per_token = {
             "position_ids": position_ids,
@@ -494,7 +538,12 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             key_valid,
             inputs_embeds.dtype,
         )
-        hidden_states = self.encoder(inputs_embeds, attention_bias, query_valid, cache=cache, **kwargs)
+        if key_length > total_length:
+            unused_slots = (0, key_length - total_length)
+            attention_bias = F.pad(attention_bias, unused_slots, value=torch.finfo(attention_bias.dtype).min)
+        # `None` when every query is a real token (always while decoding): the layers then skip the zeroing.
+        padding_queries = None if bool(query_valid.all()) else ~query_valid
+        hidden_states = self.encoder(inputs_embeds, attention_bias, padding_queries, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
@@ -567,7 +616,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states / math.sqrt(self.config.dim_model))
+        logits = project_to_vocabulary(hidden_states / math.sqrt(self.config.dim_model), self.lm_head)
         if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
             ext_embeds = self.cpmbee.embed_input_ids(ext_table_ids, ext_table_sub)
             if hidden_states.dim() == 2:
@@ -665,7 +714,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         device = input_ids.device
         prompt_length = position_ids.shape[-1]
         num_prefix = 0 if answer_segment_ids is None else 1
-        past_length = cache.get_seq_length() if cache is not None else 0
+        past_length = int(cache.get_seq_length()) if cache is not None else 0
         if past_length > 0:
             steps = past_length - prompt_length - num_prefix + 1
         else:
@@ -738,6 +787,25 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         if "cache" in outputs:
             model_kwargs["cache"] = outputs["cache"]
         return model_kwargs
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """Answer mode feeds one token more than it generates (the answer's leading `<s>`): a static cache gets the
+        extra slot."""
+        if model_kwargs.get("answer_segment_ids") is not None:
+            max_cache_length += 1
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        """No automatic `torch.compile` when a static cache is used on a GPU: a step's inputs describe every token
+        seen so far (`(B, K)` structure tensors, one longer each step), so the compiled forward would be rebuilt at
+        every step (tens of seconds for a few tokens on an H100). An explicit `compile_config` is honoured."""
+        if generation_config.compile_config is None:
+            return False
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def _get_logits_processor(self, generation_config, *args, model_kwargs=None, **kwargs):
         """Stock processors, preceded by the original's per-sample `<unk>`/ext-table mask when the prompt has it."""

@@ -162,21 +162,23 @@ class _FastMatcher:
         self.lookup[self.sentinel] = self.MARK
         self.automaton = AhoCorasick(list(self.lookup), matchkind=MatchKind.LeftmostLongest, store_patterns=True)
         known = "".join(map(re.escape, sorted(alphabet)))
+        unknown = f"[^{known}]" if known else "."
+        # Finds a character outside every piece; much cheaper than the split below, which most texts do not need.
+        self.find_unknown = re.compile(unknown, re.DOTALL).search
         # Splits text into [known, run, known, run, ..., known]: the runs of characters outside every piece.
-        self.split_runs = re.compile(f"([^{known}]+)" if known else "(.+)", re.DOTALL).split
+        self.split_runs = re.compile(f"({unknown}+)", re.DOTALL).split
 
     def encode(self, text: str, ids: list[int], ext: _ExtTable) -> None:
-        parts = self.split_runs(text)
-        if len(parts) == 1:  # no unknown run: every character is matched
+        if self.find_unknown(text) is None:  # no unknown run: every character is matched
             self._extend_ids(ids, self.automaton.find_matches_as_strings(text))
             return
-        out: list[int] = []
-        self._extend_ids(out, self.automaton.find_matches_as_strings(self.sentinel.join(parts[0::2])))
-        mark, index, at = self.MARK, out.index, 0
+        parts = self.split_runs(text)
+        at = len(ids)  # `ids` holds no MARK: every id before `at` is final
+        self._extend_ids(ids, self.automaton.find_matches_as_strings(self.sentinel.join(parts[0::2])))
+        mark, index = self.MARK, ids.index
         for run in parts[1::2]:
             at = index(mark, at)
-            out[at] = ext.id_for(run)
-        ids.extend(out)
+            ids[at] = ext.id_for(run)
 
     def _extend_ids(self, ids: list[int], pieces: list[str]) -> None:
         # One `itemgetter` call looks every piece up in C (faster than `map(dict.__getitem__, ...)`).

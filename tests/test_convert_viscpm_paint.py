@@ -19,7 +19,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_pipeline_viscpm_paint import draws_match_float32
+from test_pipeline_viscpm_paint import draws_match_float32, generate_case
 
 import transformers_viscpm  # noqa: F401  (registers the pipeline with diffusers)
 from transformers_viscpm.conversion import CheckpointError
@@ -82,21 +82,6 @@ def _assert_weights(out: Path, sd: dict[str, torch.Tensor], dtype: torch.dtype) 
             assert got[name].dtype == dtype and torch.equal(got[name], value.to(dtype)), name
 
 
-def _generate(pipe: VisCPMPaintPipeline, case: dict) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        case["prompt"],
-        negative_prompt=case["negative_prompt"],
-        guidance_scale=case["guidance_scale"],
-        num_images_per_prompt=case["num_images_per_prompt"],
-        num_inference_steps=case["num_inference_steps"],
-        height=case["height"],
-        width=case["width"],
-        generator=torch.Generator().manual_seed(case["seed"]),
-        output_type="np",
-    ).images
-
-
 # --- the converted repository ---------------------------------------------------------------------------------
 
 
@@ -154,14 +139,14 @@ def test_images_match_the_original(converted: Path) -> None:
     assert isinstance(pipe.text_encoder, VisCPMPaintTextEncoder) and isinstance(pipe.scheduler, DDPMScheduler)
     assert isinstance(pipe.tokenizer, CpmBeeTokenizer)
     for name, case in CASES.items():
-        images = _generate(pipe, case)
+        images = generate_case(pipe, case)
         assert images.shape == (case["num_images_per_prompt"], 32, 32, 3), name
         assert float(np.abs(images - np.asarray(case["images"])).max()) <= TOLERANCE, name
     # The generic loader resolves the same pipeline from model_index.json.
     generic = DiffusionPipeline.from_pretrained(converted)
     assert type(generic) is VisCPMPaintPipeline
     case = CASES["en_negative_two_images"]
-    assert np.array_equal(_generate(generic, case), _generate(pipe, case))
+    assert np.array_equal(generate_case(generic, case), generate_case(pipe, case))
 
 
 # --- dtypes and sharding ---------------------------------------------------------------------------------------
@@ -198,7 +183,7 @@ def test_dtypes_and_sharding(
 
     pipe = VisCPMPaintPipeline.from_pretrained(out, dtype=expected)
     assert {pipe.text_encoder.dtype, pipe.unet.dtype, pipe.vae.dtype} == {expected}
-    images = _generate(pipe, CASES["zh_cfg"])
+    images = generate_case(pipe, CASES["zh_cfg"])
     assert np.isfinite(images).all()
     if draws_match_float32(expected):  # else a 16-bit pipeline denoises other noise than the original's fp32 one
         assert float(np.abs(images - np.asarray(CASES["zh_cfg"]["images"])).max()) < 0.1

@@ -8,7 +8,6 @@ the CPU would measure TF32, not the port.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,6 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
 )
 
 from transformers_viscpm.models.cpmbee.encoding_cpmbee import encode_structured
@@ -29,7 +25,6 @@ from transformers_viscpm.models.viscpm_chat.modeling_viscpm_chat import VisCPMCh
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-FIXTURES = Path(__file__).parent / "fixtures"
 CUDA = "cuda"
 FP32_ATOL = 1e-4  # GPU vs CPU fp32: only the summation order differs
 # Low precision against fp32, relative to the largest fp32 logit. bf16 keeps 8 significant bits (relative rounding
@@ -61,13 +56,6 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- CPM-Bee ---------------------------------------------------------------------------------------------------
 
 
-def bee_fixture(name: str) -> tuple[dict, dict]:
-    from test_modeling_cpmbee import answer_segment_ids, fixture_inputs, load_fixture
-
-    fixture = load_fixture(name)
-    return fixture, {**fixture_inputs(fixture), "answer_segment_ids": answer_segment_ids(fixture)}
-
-
 def bee_model(name: str, attn_implementation: str = "sdpa", device: str = "cpu") -> CpmBeeForCausalLM:
     """A fresh copy of the fixture model (the other modules cache theirs on the CPU)."""
     from test_modeling_cpmbee import build_model, load_fixture
@@ -78,40 +66,13 @@ def bee_model(name: str, attn_implementation: str = "sdpa", device: str = "cpu")
     return model
 
 
-class ForceTokensOnDevice(LogitsProcessor):
-    """`ForceTokens` of test_modeling_cpmbee on the scores' device."""
-
-    def __init__(self, tokens: list[list[int]]) -> None:
-        self.tokens, self.step = torch.tensor(tokens), 0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        forced = torch.full_like(scores, -float("inf"))
-        forced.scatter_(1, self.tokens[:, self.step, None].to(scores.device), 0.0)
-        self.step += 1
-        return forced
-
-
-def bee_generate(model, inputs: dict, processor=None, steps: int = 4, **kwargs):
-    config = GenerationConfig(
-        max_new_tokens=steps,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kwargs,
-    )
-    processors = LogitsProcessorList([processor] if processor is not None else [])
-    return model.generate(**on(inputs, model.device), generation_config=config, logits_processor=processors)
-
-
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", ["masked", "real_buckets"])
 def test_cpmbee_fp32_logits_on_cuda_equal_cpu(name, attn_implementation):
-    from test_modeling_cpmbee import assert_matches_record
+    from test_modeling_cpmbee import assert_matches_record, fixture_inputs, load_fixture
 
-    fixture, inputs = bee_fixture(name)
-    inputs.pop("answer_segment_ids")
+    fixture = load_fixture(name)
+    inputs = fixture_inputs(fixture)
     with torch.no_grad():
         cpu = bee_model(name, attn_implementation)(**inputs).logits
         gpu = bee_model(name, attn_implementation, CUDA)(**on(inputs, CUDA)).logits
@@ -126,10 +87,10 @@ def test_cpmbee_fp32_logits_on_cuda_equal_cpu(name, attn_implementation):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpmbee_half_precision_on_cuda_close_to_fp32(dtype):
-    _, inputs = bee_fixture("real_buckets")
-    inputs.pop("answer_segment_ids")
+    from test_modeling_cpmbee import fixture_inputs, load_fixture
+
     model = bee_model("real_buckets", device=CUDA)
-    inputs = on(inputs, CUDA)
+    inputs = on(fixture_inputs(load_fixture("real_buckets")), CUDA)
     with torch.no_grad():
         reference = model(**inputs).logits
         low = model.to(dtype)(**inputs).logits
@@ -146,15 +107,15 @@ def test_cpmbee_half_precision_on_cuda_close_to_fp32(dtype):
 def test_cpmbee_cached_decoding_on_cuda_equals_full_recompute(name):
     """Forced tokens (an ext id fed back, EOS opening the next answer): the cache path, the no-cache path (the whole
     sequence each step) and the static cache agree on the GPU and with the original's recorded logits."""
-    from test_modeling_cpmbee import assert_matches_record
+    from test_modeling_cpmbee import ForceTokens, assert_matches_record, generate_steps, load_fixture
 
-    fixture, inputs = bee_fixture(name)
+    fixture = load_fixture(name)
     model, tokens = bee_model(name, device=CUDA), fixture["forced"]["tokens"]
-    cached = bee_generate(model, inputs, ForceTokensOnDevice(tokens))
-    full = bee_generate(model, inputs, ForceTokensOnDevice(tokens), use_cache=False)
+    cached = generate_steps(model, fixture, ForceTokens(tokens))
+    full = generate_steps(model, fixture, ForceTokens(tokens), use_cache=False)
     # Without auto-compilation (see `CpmBeeForCausalLM._valid_auto_compile_criteria`); compiled, an H100 gave the
     # same tokens, logits within 3e-6, after 10-40 s of compiling.
-    static = bee_generate(model, inputs, ForceTokensOnDevice(tokens), cache_implementation="static")
+    static = generate_steps(model, fixture, ForceTokens(tokens), cache_implementation="static")
     assert cached.sequences[:, -4:].tolist() == full.sequences[:, -4:].tolist() == tokens
     assert torch.equal(static.sequences, cached.sequences)
     differences = [max_diff(a, b) for a, b in zip(cached.logits, full.logits, strict=True)]
@@ -168,19 +129,19 @@ def test_cpmbee_cached_decoding_on_cuda_equals_full_recompute(name):
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_cpmbee_greedy_generate_on_cuda_equals_cpu(cache_implementation):
-    from test_modeling_cpmbee import OriginalMasking
+    from test_modeling_cpmbee import OriginalMasking, generate_steps, load_fixture
 
-    fixture, inputs = bee_fixture("masked")
+    fixture = load_fixture("masked")
     masking = OriginalMasking(fixture["allow_unk"], fixture["ext_allowed"])
     extra = {"cache_implementation": cache_implementation}
-    cpu = bee_generate(bee_model("masked"), inputs, masking, steps=4, **extra)
-    gpu = bee_generate(bee_model("masked", device=CUDA), inputs, masking, steps=4, **extra)
+    cpu = generate_steps(bee_model("masked"), fixture, masking, steps=4, **extra)
+    gpu = generate_steps(bee_model("masked", device=CUDA), fixture, masking, steps=4, **extra)
     assert gpu.sequences.device.type == CUDA
     assert gpu.sequences.tolist() == cpu.sequences.tolist()
     assert gpu.sequences[:, -4:].tolist() == fixture["greedy"]["tokens"]  # the original's greedy tokens
     # Longer, with the model's own ext-table masking: still the same tokens.
-    cpu = bee_generate(bee_model("masked"), inputs, steps=12, **extra)
-    gpu = bee_generate(bee_model("masked", device=CUDA), inputs, steps=12, **extra)
+    cpu = generate_steps(bee_model("masked"), fixture, steps=12, **extra)
+    gpu = generate_steps(bee_model("masked", device=CUDA), fixture, steps=12, **extra)
     assert gpu.sequences.tolist() == cpu.sequences.tolist()
 
 
@@ -222,21 +183,9 @@ def cpmbee_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_folder(tmp_path_factory) -> Path:
-    """The converted tiny VisCPM-Chat of the chat golden file (test_modeling_viscpm_chat)."""
-    from transformers_viscpm.conversion.convert_viscpm_chat import convert_viscpm_chat
-    from transformers_viscpm.synthetic.chat import TINY_CHAT_VISION, original_chat_state_dict, tiny_chat_llm_config
+    from test_modeling_viscpm_chat import convert_tiny_chat
 
-    golden = json.loads((FIXTURES / "chat_golden.json").read_text(encoding="utf-8"))
-    folder = tmp_path_factory.mktemp("chat-gpu")
-    checkpoint = folder / "viscpm_chat_tiny.pt"
-    torch.save(original_chat_state_dict(eos_scale=golden["eos_scale"], include_mim_head=False), checkpoint)
-    return convert_viscpm_chat(
-        checkpoint,
-        folder / "converted",
-        llm_config=tiny_chat_llm_config(),
-        vision_config=TINY_CHAT_VISION,
-        show_progress=False,
-    )
+    return convert_tiny_chat(tmp_path_factory.mktemp("chat-gpu"))
 
 
 def assert_all_on(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -333,32 +282,16 @@ def sd_base(tmp_path_factory) -> Path:
     return folder
 
 
-def paint(pipe, case: dict) -> np.ndarray:
-    from test_pipeline_viscpm_paint import generate
-
-    return generate(
-        pipe,
-        case["prompt"],
-        seed=case["seed"],  # a CPU generator: the same draws whatever the pipeline's device
-        negative_prompt=case["negative_prompt"],
-        guidance_scale=case["guidance_scale"],
-        num_images_per_prompt=case["num_images_per_prompt"],
-        num_inference_steps=case["num_inference_steps"],
-        height=case["height"],
-        width=case["width"],
-    ).images
-
-
 @pytest.mark.parametrize("case_name", ["zh_cfg", "en_negative_two_images"])
 def test_paint_on_cuda(sd_base, case_name):
-    from test_pipeline_viscpm_paint import CASES, build_pipeline, draws_match_float32
+    from test_pipeline_viscpm_paint import CASES, build_pipeline, draws_match_float32, generate_case
 
     case = CASES[case_name]
     golden = np.asarray(case["images"])
-    cpu_images = paint(build_pipeline(sd_base), case)
+    cpu_images = generate_case(build_pipeline(sd_base), case)
     pipe = build_pipeline(sd_base).to(CUDA)
     assert pipe.device.type == CUDA
-    images = paint(pipe, case)
+    images = generate_case(pipe, case)
     assert images.shape == golden.shape and np.isfinite(images).all()
     difference, golden_difference = np.abs(images - cpu_images).max(), np.abs(images - golden).max()
     report(f"paint[{case_name}] fp32 cuda vs cpu image max abs", difference)
@@ -366,7 +299,7 @@ def test_paint_on_cuda(sd_base, case_name):
     assert difference <= 1e-3 and golden_difference <= 1e-3
 
     pipe.to(torch.float16)
-    half = paint(pipe, case)
+    half = generate_case(pipe, case)
     assert half.dtype == np.float32 and half.shape == golden.shape and np.isfinite(half).all()
     assert half.min() >= 0.0 and half.max() <= 1.0 and half.std() > 0.01  # a picture, not a constant
     report(f"paint[{case_name}] fp16 cuda vs fp32 image max abs", np.abs(half - images).max())
@@ -375,14 +308,14 @@ def test_paint_on_cuda(sd_base, case_name):
 
 
 def test_paint_model_cpu_offload_to_cuda(sd_base):
-    from test_pipeline_viscpm_paint import CASES, build_pipeline
+    from test_pipeline_viscpm_paint import CASES, build_pipeline, generate_case
 
     case = CASES["zh_cfg"]
-    reference = paint(build_pipeline(sd_base).to(CUDA), case)
+    reference = generate_case(build_pipeline(sd_base).to(CUDA), case)
     pipe = build_pipeline(sd_base)
     pipe.enable_model_cpu_offload()  # the GPU by default
     assert hasattr(pipe.text_encoder, "_hf_hook") and hasattr(pipe.unet, "_hf_hook")
-    images = paint(pipe, case)
+    images = generate_case(pipe, case)
     assert pipe.unet.device.type == "cpu"  # moved back after use
     difference = np.abs(images - reference).max()
     report("paint model_cpu_offload vs pipe.to(cuda) image max abs", difference)

@@ -94,7 +94,7 @@ class ForceTokens(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         forced = torch.full_like(scores, -float("inf"))
-        forced.scatter_(1, self.tokens[:, self.step, None], 0.0)
+        forced.scatter_(1, self.tokens[:, self.step, None].to(scores.device), 0.0)
         self.step += 1
         return forced
 
@@ -117,7 +117,8 @@ class OriginalMasking(LogitsProcessor):
         return scores
 
 
-def generate_steps(model, fixture, processor, steps=4, **kwargs):
+def generate_steps(model, fixture, processor=None, steps=4, **kwargs):
+    """Greedy `generate` on the fixture's batch, on the model's device, returning the per-step logits."""
     config = GenerationConfig(
         max_new_tokens=steps,
         do_sample=False,
@@ -127,11 +128,11 @@ def generate_steps(model, fixture, processor, steps=4, **kwargs):
         return_dict_in_generate=True,
         **kwargs,
     )
+    inputs = {**fixture_inputs(fixture), "answer_segment_ids": answer_segment_ids(fixture)}
     return model.generate(
-        **fixture_inputs(fixture),
-        answer_segment_ids=answer_segment_ids(fixture),
+        **{key: value.to(model.device) for key, value in inputs.items()},
         generation_config=config,
-        logits_processor=LogitsProcessorList([processor]),
+        logits_processor=LogitsProcessorList([processor] if processor is not None else []),
     )
 
 

@@ -41,9 +41,8 @@ def make_image(seed: int, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), mode="RGB")
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("chat")
+def convert_tiny_chat(folder: Path) -> Path:
+    """The golden file's tiny VisCPM-Chat, written in the original layout under `folder` and converted there."""
     checkpoint = folder / "viscpm_chat_tiny.pt"
     torch.save(original_chat_state_dict(eos_scale=GOLDEN["eos_scale"], include_mim_head=False), checkpoint)
     return convert_viscpm_chat(
@@ -53,6 +52,11 @@ def converted(tmp_path_factory) -> Path:
         vision_config=TINY_CHAT_VISION,
         show_progress=False,
     )
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    return convert_tiny_chat(tmp_path_factory.mktemp("chat"))
 
 
 @pytest.fixture(scope="module")

@@ -199,6 +199,13 @@ def test_static_cache_steps_match_original(name):
         assert_matches_record(logits, record, fixture["vocab_subset"])
 
 
+def test_too_small_static_cache_is_one_clear_error():
+    fixture = load_fixture("small")
+    cache = StaticCache(config=fixture_model("small").config, max_cache_len=4)
+    with pytest.raises(ValueError, match=r"The cache holds 4 tokens, but this step needs \d+ \(0 cached"):
+        fixture_model("small")(**fixture_inputs(fixture), cache=cache, use_cache=True)
+
+
 def test_static_cache_is_not_compiled_unless_asked(monkeypatch):
     """On a GPU, stock `generate` compiles the forward whenever the cache is static; CPM-Bee's growing step inputs
     would recompile it every step, so only an explicit `compile_config` compiles."""

@@ -509,6 +509,11 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         total_length = query_length + (int(cache.get_seq_length()) if cache is not None else 0)
         # A static cache hands attention all its `max_cache_len` slots, the unused ones masked out below.
         key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else total_length
+        if key_length < total_length:
+            raise ValueError(
+                f"The cache holds {key_length} tokens, but this step needs {total_length} ({total_length - query_length}"
+                f" cached + {query_length} new): use a larger `max_cache_len`."
+            )
         device = inputs_embeds.device
         per_token = {
             "position_ids": position_ids,

@@ -457,10 +457,12 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         segment_rel: torch.Tensor,
         key_valid: torch.Tensor,
         dtype: torch.dtype,
+        key_length: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float `(B, heads, q, K)` attention bias (position bias, masked entries at the dtype minimum) and the
-        `(B, q)` valid-query mask. Rows of padding queries are left unmasked so that no softmax sees an all-masked
-        row; their outputs are zeroed instead."""
+        """Float `(B, heads, q, key_length)` attention bias (position bias, masked entries at the dtype minimum) and
+        the `(B, q)` valid-query mask. Rows of padding queries are left unmasked so that no softmax sees an all-masked
+        row; their outputs are zeroed instead. Keys past the `K` real tokens (the unused slots a static cache hands
+        attention) are masked for every query."""
         buckets, mask, query_valid = cpmbee_attention_layout(
             position_ids,
             context,
@@ -476,6 +478,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         )
         bias = self.position_bias(buckets).to(dtype)
         bias = bias.masked_fill_((~mask & query_valid[:, :, None])[:, None], torch.finfo(dtype).min)
+        if key_length > bias.shape[-1]:
+            bias = F.pad(bias, (0, key_length - bias.shape[-1]), value=torch.finfo(dtype).min)
         return bias.contiguous(), query_valid
 
     @merge_with_config_defaults
@@ -507,7 +511,7 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         batch, query_length = inputs_embeds.shape[:2]
         # `int`: a static cache counts its tokens in a tensor.
         total_length = query_length + (int(cache.get_seq_length()) if cache is not None else 0)
-        # A static cache hands attention all its `max_cache_len` slots, the unused ones masked out below.
+        # A static cache hands attention all its `max_cache_len` slots (the bias masks the unused ones).
         key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else total_length
         if key_length < total_length:
             raise ValueError(
@@ -550,10 +554,8 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             segment_rel if segment_rel is not None else zeros[:, :1],
             key_valid,
             inputs_embeds.dtype,
+            key_length,
         )
-        if key_length > total_length:
-            unused_slots = (0, key_length - total_length)
-            attention_bias = F.pad(attention_bias, unused_slots, value=torch.finfo(attention_bias.dtype).min)
         # `None` when every query is a real token (always while decoding): the layers then skip the zeroing.
         padding_queries = None if bool(query_valid.all()) else ~query_valid
         hidden_states = self.encoder(inputs_embeds, attention_bias, padding_queries, cache=cache, **kwargs)

@@ -420,7 +420,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         User text is plain text (`<` needs no escaping) and the answer is the real text.
 
         A beam search answer is only known once decoding ends, so a `streamer` (e.g. `TextStreamer(tokenizer)`)
-        receives the answer's tokens then, in one `put`; token-by-token streaming needs greedy `generate()`.
+        receives the answer's tokens then, in one `put`; token-by-token streaming needs greedy `generate()`. A
+        streamer with `decode_kwargs` (`TextStreamer`, `TextIteratorStreamer`) gets this prompt's ext table there
+        (`decode_kwargs["ext_table"]`), so rare characters of the answer decode; the tokenizer is not touched.
         """
         processor = processor if processor is not None else self.default_processor
         if vision_hidden_states is None and image is None:
@@ -451,8 +453,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         )
         answer = processor.decode_answers(results, infos)[0]
         if streamer is not None:
-            # Streamers decode through the tokenizer's remembered table: make it this prompt's table.
-            processor.tokenizer.last_ext_table = dict(infos[0].ext_table)
+            if isinstance(getattr(streamer, "decode_kwargs", None), dict):
+                streamer.decode_kwargs["ext_table"] = inputs.ext_table
             streamer.put(
                 torch.tensor([token for token, _ in results[0] if token != self.config.text_config.eos_token_id])
             )

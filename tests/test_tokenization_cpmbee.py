@@ -291,7 +291,11 @@ def test_fast_path_equals_reference_on_markup(tok, markup, past):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(any_text, st.lists(any_text, min_size=1, max_size=4)), st.booleans(), st.sampled_from([None, *PAST_TABLES]))
+@given(
+    st.one_of(any_text, st.lists(any_text, min_size=1, max_size=4)),
+    st.booleans(),
+    st.sampled_from([None, *PAST_TABLES]),
+)
 def test_direct_call_path_equals_generic_path(tok, text, markup, past):
     """`tok(text)` is built directly; any extra argument (here `verbose`) takes transformers' generic path."""
     kwargs = {"ext_table": past} if past is not None else {}

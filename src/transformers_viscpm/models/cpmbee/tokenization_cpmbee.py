@@ -94,7 +94,7 @@ CHAT_TEMPLATE = (
     "{{- '{' -}}"
     "{%- if ns.prompt is not none -%}{{- '\"prompt\": ' + (ns.prompt | tojson) + ', ' -}}{%- endif -%}"
     "{%- if ns.context -%}{{- '\"context\": ' + (ns.context | tojson) + ', ' -}}{%- endif -%}"
-    "{{- '\"input\": ' + (ns.question | tojson) + ', \"<ans>\": \"\"}' -}}"
+    '{{- \'"input": \' + (ns.question | tojson) + \', "<ans>": ""}\' -}}'
 )
 
 
@@ -365,6 +365,14 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                 encode_text(part, ids, ext)
         return ids
 
+    def _encode_plain(self, text: str, ext: _ExtTable) -> list[int]:
+        """`_encode_into(escape(text), ...)` without escaping or splitting: the escaped markup of plain text is one
+        text part, the text itself (text parts run across `<<` escapes)."""
+        ids: list[int] = []
+        if text:
+            self._encode_text(text, ids, ext)
+        return ids
+
     def _encode_text(self, text: str, ids: list[int], ext: _ExtTable) -> None:
         """Greedy longest match through a leftmost-longest Aho-Corasick automaton over the non-special entries.
 
@@ -431,7 +439,9 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
 
     def tokenize(self, text: str, markup: bool = False, **kwargs) -> list[str]:
         """Token strings of `text` (plain text unless `markup=True`); extra tokens are shown as their text."""
-        ids, table = self.encode_markup(text if markup else self.escape(text))
+        ext = _ExtTable(self.vocab_size, None)
+        ids = self._encode_into(text, ext, self._encode_text) if markup else self._encode_plain(text, ext)
+        table = ext.table
         return [table[idx] if idx in table else self.decoder[idx] for idx in ids]
 
     def __call__(self, text: Any = None, text_pair: Any = None, *args, **kwargs) -> BatchEncoding:
@@ -443,15 +453,19 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         """
         if args or text_pair is not None or not kwargs.keys() <= _FAST_CALL_KWARGS:
             return super().__call__(text, text_pair, *args, **kwargs)
-        markup = kwargs.get("markup", False)
         if isinstance(text, str):
             ext = _ExtTable(self.vocab_size, kwargs.get("ext_table"))
-            ids = self._encode_into(text if markup else self.escape(text), ext, self._encode_text)
+            if kwargs.get("markup"):
+                ids = self._encode_into(text, ext, self._encode_text)
+            else:
+                ids = self._encode_plain(text, ext)
             data = {"input_ids": ids, "attention_mask": [1] * len(ids)}
         elif type(text) is list and text and all(type(item) is str for item in text):
             ext = _ExtTable(self.vocab_size, kwargs.get("ext_table"))
-            escape, encode_text = self.escape, self._encode_text
-            rows = [self._encode_into(item if markup else escape(item), ext, encode_text) for item in text]
+            if kwargs.get("markup"):
+                rows = [self._encode_into(item, ext, self._encode_text) for item in text]
+            else:
+                rows = [self._encode_plain(item, ext) for item in text]
             data = {"input_ids": rows, "attention_mask": [[1] * len(ids) for ids in rows]}
         else:
             return super().__call__(text, text_pair, *args, **kwargs)
@@ -503,7 +517,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             if item is None:
                 return None
             if isinstance(item, str):
-                return self._encode_into(item if markup else self.escape(item), ext, self._encode_text)
+                return self._encode_into(item, ext, self._encode_text) if markup else self._encode_plain(item, ext)
             if isinstance(item, (list, tuple)) and all(isinstance(i, int) for i in item):
                 return list(item)
             raise ValueError(f"Expected a string, a list of ids or a CPM-Bee dict, got {type(item).__name__}.")

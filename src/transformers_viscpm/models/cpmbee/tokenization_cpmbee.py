@@ -162,9 +162,14 @@ class _ExtTable:
     table; repeated texts reuse their id.
     """
 
+    __slots__ = ("_ids", "_vocab_size", "table")
+
     def __init__(self, vocab_size: int, past_table: Mapping[int, str] | None) -> None:
-        self.table: dict[int, str] = dict(past_table) if past_table else {}
-        self._ids = {text: idx for idx, text in self.table.items()}
+        if past_table:
+            self.table: dict[int, str] = dict(past_table)
+            self._ids = {text: idx for idx, text in self.table.items()}
+        else:  # the common case, once per call: no copies
+            self.table, self._ids = {}, {}
         self._vocab_size = vocab_size
 
     def id_for(self, text: str) -> int:

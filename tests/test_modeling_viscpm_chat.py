@@ -318,7 +318,11 @@ def test_chat_streams_the_answer(model, image):
 
     chunks: list[str] = []
     processor = model.default_processor
-    answer, _, _ = model.chat(
-        image, "画里有什么？😀", processor=processor, streamer=Collect(processor.tokenizer), max_new_tokens=6
-    )
+    question = "画里有什么？😀"
+    streamer = Collect(processor.tokenizer)
+    answer, _, _ = model.chat(image, question, processor=processor, streamer=streamer, max_new_tokens=6)
     assert "".join(chunks) == answer
+    # chat() hands the streamer its prompt's table (the tokenizer keeps none).
+    assert streamer.decode_kwargs["ext_table"] == processor.encode(images=image, text=question)[1][0].ext_table
+    assert "😀" in streamer.decode_kwargs["ext_table"].values()
+    assert not hasattr(processor.tokenizer, "last_ext_table")

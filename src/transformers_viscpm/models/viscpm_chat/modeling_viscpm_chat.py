@@ -388,7 +388,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
         User text is plain text (`<` needs no escaping) and the answer is the real text.
 
         A beam search answer is only known once decoding ends, so a `streamer` (e.g. `TextStreamer(tokenizer)`)
-        receives the answer's tokens then, in one `put`; token-by-token streaming needs greedy `generate()`.
+        receives the answer's tokens then, in one `put`; token-by-token streaming needs greedy `generate()`. A
+        streamer with `decode_kwargs` (`TextStreamer`, `TextIteratorStreamer`) gets this prompt's ext table there
+        (`decode_kwargs["ext_table"]`), so rare characters of the answer decode; the tokenizer is not touched.
         """
         processor = processor if processor is not None else self.default_processor
         if vision_hidden_states is None and image is None:
@@ -414,8 +416,8 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
         results = cpmbee_beam_search(self, inputs, infos, generation_config, inputs_embeds=inputs_embeds, **kwargs)
         answer = processor.decode_answers(results, infos)[0]
         if streamer is not None:
-            # Streamers decode through the tokenizer's remembered table: make it this prompt's table.
-            processor.tokenizer.last_ext_table = dict(infos[0].ext_table)
+            if isinstance(getattr(streamer, "decode_kwargs", None), dict):
+                streamer.decode_kwargs["ext_table"] = inputs.ext_table
             streamer.put(
                 torch.tensor([token for token, _ in results[0] if token != self.config.text_config.eos_token_id])
             )

@@ -311,3 +311,18 @@ def test_chat_streams_the_answer(model, image):
         image, "画里有什么？😀", processor=processor, streamer=Collect(processor.tokenizer), max_new_tokens=6
     )
     assert "".join(chunks) == answer
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_pixels_or_features_are_one_clear_error(model, image, value):
+    processor = model.default_processor()
+    inputs = processor(images=[image], text=["What is it?"], return_tensors="pt")
+    bad_pixels = inputs["pixel_values"].clone()
+    bad_pixels[0, 0, 0, 0] = value
+    with pytest.raises(ValueError, match="`pixel_values` contain NaN or infinite"):
+        model(**{**inputs, "pixel_values": bad_pixels})
+    _, _, vision_hidden_states = model.chat(image, "What is it?", max_new_tokens=2)
+    bad_states = vision_hidden_states.clone()
+    bad_states[0, 1, 2] = value
+    with pytest.raises(ValueError, match="`vision_hidden_states` contain NaN or infinite"):
+        model.chat(None, "And now?", vision_hidden_states=bad_states, max_new_tokens=2)

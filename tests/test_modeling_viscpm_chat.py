@@ -315,7 +315,7 @@ def test_chat_streams_the_answer(model, image):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_pixels_or_features_are_one_clear_error(model, image, value):
-    processor = model.default_processor()
+    processor = model.default_processor
     inputs = processor(images=[image], text=["What is it?"], return_tensors="pt")
     bad_pixels = inputs["pixel_values"].clone()
     bad_pixels[0, 0, 0, 0] = value

@@ -348,6 +348,7 @@ def _encode_row(
     markup: bool,
 ) -> tuple[_Row, list[tuple[int, int]], list[tuple[str, ...]], _ExtState]:
     """The original `_convert_to_tensors`: the query without its answer tokens, then the in-context samples."""
+    _check_tree(data)  # before `_with_placeholders` walks the answer tree
     query, placeholders = _with_placeholders(data)
     state = _ExtState()
     sample = _encode_sample(query, tokenizer, vocab, state, markup)

@@ -19,6 +19,10 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CliError(Exception):
@@ -130,26 +134,26 @@ def _check_model(model: str, command: str, kind: str) -> None:
         raise CliError(f"{model} is a {what} repo; `viscpm {command}` needs a {_KIND_NAMES[kind]} repo")
 
 
-def _load_chat(model: str, device: str, dtype_name: str | None):
+def _load_chat(model: str, device: torch.device, dtype_name: str | None):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    target = _device(device)
     try:
         processor = AutoProcessor.from_pretrained(model)
         chat_model = AutoModelForImageTextToText.from_pretrained(model, dtype=_dtype(dtype_name) or torch.float32)
     except (OSError, ValueError) as err:
         raise CliError(f"cannot load VisCPM-Chat from {model}: {str(err).splitlines()[0]}") from None
-    return processor, chat_model.to(target).eval()
+    return processor, chat_model.to(device).eval()
 
 
 def _cmd_chat(args: argparse.Namespace) -> None:
     image = _open_image(args.image)
     _check_model(args.model, "chat", "viscpm_chat")
+    device = _device(args.device)  # needs torch only: before the expensive imports
     _runtime()
     from transformers import TextStreamer
 
-    processor, model = _load_chat(args.model, args.device, args.dtype)
+    processor, model = _load_chat(args.model, device, args.dtype)
     context, vision_hidden_states = "", None
 
     def ask(question: str) -> None:
@@ -198,11 +202,11 @@ def _check_output_image(path: str) -> Path:
 def _cmd_paint(args: argparse.Namespace) -> None:
     out = _check_output_image(args.output)
     _check_model(args.model, "paint", "viscpm_paint")
+    device = _device(args.device)  # needs torch only: before the expensive imports
     _runtime()
     import torch
     from diffusers import DiffusionPipeline
 
-    device = _device(args.device)
     try:
         pipe = DiffusionPipeline.from_pretrained(args.model, dtype=_dtype(args.dtype) or torch.float32)
     except (OSError, ValueError) as err:
@@ -236,10 +240,11 @@ def _cmd_convert(args: argparse.Namespace, rest: Sequence[str]) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     output = Path(args.output).expanduser() if args.output else default_demo_folder()
+    device = _device(args.device)
     _runtime()
     from .demo import run_demo
 
-    run_demo(output, device=str(_device(args.device)))
+    run_demo(output, device=str(device))
 
 
 def default_demo_folder() -> Path:

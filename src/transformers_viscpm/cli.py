@@ -76,7 +76,7 @@ def _dtype(name: str | None):
         raise CliError(f"unknown --dtype {name!r}: use float32, float16 or bfloat16") from None
 
 
-def _device(name: str):
+def _device(name: str) -> torch.device:
     """`--device` as a `torch.device` that this machine has (one line, not a traceback deep in `.to()`)."""
     import torch
 
@@ -130,7 +130,7 @@ def _check_model(model: str, command: str, kind: str) -> None:
         return
     found = _local_kind(folder)
     if found is not None and found != kind:
-        what = _KIND_NAMES.get(found, f"a {found!r}")
+        what = _KIND_NAMES.get(found, repr(found))
         raise CliError(f"{model} is a {what} repo; `viscpm {command}` needs a {_KIND_NAMES[kind]} repo")
 
 

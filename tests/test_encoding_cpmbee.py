@@ -320,6 +320,9 @@ def test_nesting_bound_and_cycles_are_value_errors(tokenizer: CpmBeeTokenizer) -
     for data in (cyclic, {"q": inner, "<ans>": ""}, {"q": "x", "<ans>": {"a": inner}}):
         with pytest.raises(ValueError, match="contains itself"):
             encode_structured(tokenizer, [data])
+    for not_a_dict in ("hi", ["a"], None):
+        with pytest.raises(TypeError, match="a CPM-Bee prompt must be a dict"):
+            encode_structured(tokenizer, [not_a_dict])
     shared = {"a": "b"}  # the same dict twice is a tree, not a cycle
     encode_structured(tokenizer, [{"x": shared, "y": shared, "<ans>": ""}])
 
@@ -350,6 +353,9 @@ def test_truncation_by_max_length_warns(tokenizer: CpmBeeTokenizer) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         encode_structured(tokenizer, [{"input": "short", "<ans>": ""}], max_length=48)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_length must be a positive int"):
+            encode_structured(tokenizer, [data], max_length=bad)
 
 
 def _reference_relations(data: dict[str, Any]) -> list[int]:

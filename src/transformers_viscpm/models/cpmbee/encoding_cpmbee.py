@@ -177,6 +177,8 @@ def _check_tree(data: Any) -> None:
 
     Iterative, so that even a 100,000-level dict gets this `ValueError` rather than a `RecursionError`.
     """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a CPM-Bee prompt must be a dict, got {type(data).__name__}")
     stack: list[tuple[Any, int, frozenset[int]]] = [(data, 1, frozenset())]
     while stack:
         value, depth, ancestors = stack.pop()
@@ -207,8 +209,6 @@ def _segments(data: Mapping[str, Any], tokenizer: CpmBeeTokenizer, markup: bool)
                 _Segment(_to_markup(value, tokenizer, markup), (*parent, len(segments)), is_answer, is_image)
             )
 
-    if not isinstance(data, Mapping):
-        raise TypeError(f"a CPM-Bee prompt must be a dict, got {type(data).__name__}")
     _check_tree(data)
     visit(data, (0,), 1, False, False)
     if len(segments) > MAX_SEGMENTS:
@@ -348,6 +348,8 @@ def _encode_row(
     markup: bool,
 ) -> tuple[_Row, list[tuple[int, int]], list[tuple[str, ...]], _ExtState]:
     """The original `_convert_to_tensors`: the query without its answer tokens, then the in-context samples."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     _check_tree(data)  # before `_with_placeholders` walks the answer tree
     query, placeholders = _with_placeholders(data)
     state = _ExtState()

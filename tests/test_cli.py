@@ -71,7 +71,7 @@ def test_paint_writes_png_at_the_models_own_size(demo, tmp_path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(target).size == (size, size)
-    assert "deprecated" not in result.stderr and "accelerate" not in result.stderr
+    assert "torch_dtype" not in result.stderr and "`accelerate`" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -313,5 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("viscpm: interrupted", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit now: an interrupt that landed inside a half-done import can make the interpreter's own shutdown end
+        # the process by SIGINT (status -2) or print a traceback there, whatever `main` returns.
+        os._exit(130)
     return 0

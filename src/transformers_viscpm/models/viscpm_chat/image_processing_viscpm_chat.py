@@ -6,7 +6,6 @@ import os
 from io import BytesIO
 from typing import Any
 
-import httpx
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
@@ -136,6 +135,8 @@ def _open_image(source: str, timeout: float) -> PIL.Image.Image:
     """A path, `http(s)://` URL or `data:image/...;base64,` URI as a loaded PIL image; one `ValueError` otherwise."""
     name = source if len(source) <= 200 else source[:200] + "..."
     if source.startswith(("http://", "https://")):
+        import httpx  # huggingface_hub's HTTP client; only URLs need it
+
         try:
             response = httpx.get(source, timeout=timeout, follow_redirects=True)
             response.raise_for_status()

@@ -173,6 +173,10 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         if image_bound is None:
             raise ValueError("Image features need `image_bound` (from the processor) to find the image segment.")
         features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+        # NaN/Inf pixels or features would decode to `<sep><sep>...`; one check on the (batch, 64, dim) features.
+        if not torch.compiler.is_compiling() and not torch.isfinite(features).all():
+            source = "pixel_values" if pixel_values is not None else "vision_hidden_states"
+            raise ValueError(f"The image features from `{source}` contain NaN or infinite values.")
         mask = self.get_placeholder_mask(image_bound, inputs_embeds, features)
         return inputs_embeds.masked_scatter(mask, features), image_outputs
 

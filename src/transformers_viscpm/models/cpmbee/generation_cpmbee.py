@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, PreTrainedConfig
 
+from ...quantization import embedding_execution_device
 from .encoding_cpmbee import STRUCTURE_KEYS, CpmBeeSampleInfo, encode_structured
 
 if TYPE_CHECKING:
@@ -413,7 +414,7 @@ def generate_answers(
     [`cpmbee_beam_search`].
     """
     encoding, infos = encode_structured(tokenizer, data_list, max_length=max_input_length, markup=markup)
-    encoding = encoding.to(model.device)
+    encoding = encoding.to(embedding_execution_device(model))
     results = cpmbee_beam_search(model, encoding, infos, generation_config, inputs_embeds=inputs_embeds, **kwargs)
     return [
         info.fill_answers(data, info.decode_answers(tokenizer, pairs))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import PIL.Image
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -29,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
+from ...quantization import embedding_execution_device, memory_footprint
 from ..cpmbee.generation_cpmbee import cpmbee_beam_search
 from ..cpmbee.modeling_cpmbee import CpmBeeForCausalLM
 from .configuration_viscpm_chat import VisCPMChatConfig
@@ -73,6 +75,8 @@ class VisCPMChatPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+    # Counts the packed data of quantized weights (transformers' own counts their unquantized size).
+    get_memory_footprint = memory_footprint
 
     def _init_weights(self, module: nn.Module) -> None:
         """VisCPM's `construct_query_parameter`: queries from a normal truncated at one std (0.02)."""
@@ -111,7 +115,9 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """Run BEiT-3 on the images and the queries; `pooler_output` holds the features mapped to the CPM-Bee width
         `(batch, query_num, text hidden size)`, `last_hidden_state` the raw query outputs."""
-        vision_outputs = self.vision_model(pixel_values=pixel_values, query_embeds=self.query, **kwargs)
+        # `query` is this module's own weight: when offloaded, only a hooked `forward` would load it.
+        with align_module_device(self):
+            vision_outputs = self.vision_model(pixel_values=pixel_values, query_embeds=self.query, **kwargs)
         return BaseModelOutputWithPooling(
             last_hidden_state=vision_outputs.last_hidden_state,
             pooler_output=self.mapping(vision_outputs.last_hidden_state),
@@ -435,7 +441,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         inputs, infos = processor.encode(
             images=image if vision_hidden_states is None else None, text=question, context=context
         )
-        inputs = inputs.to(self.device)
+        inputs = inputs.to(embedding_execution_device(self))
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is not None:
             pixel_values = pixel_values.to(self.dtype)

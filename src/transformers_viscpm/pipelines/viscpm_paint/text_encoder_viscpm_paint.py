@@ -41,6 +41,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ...models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from ...models.cpmbee.encoding_cpmbee import PER_TOKEN_KEYS
 from ...models.cpmbee.modeling_cpmbee import CpmBeeModel
+from ...quantization import memory_footprint
 
 __all__ = ["VisCPMPaintTextEncoder", "VisCPMPaintTextEncoderConfig"]
 
@@ -91,6 +92,8 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
     _supports_sdpa = True
     # The CPM-Bee tensors of a structured encoding (DESIGN.md) that `forward` takes.
     encoder_input_names = (*PER_TOKEN_KEYS, "segment_rel")
+    # Counts the packed data of quantized weights (transformers' own counts their unquantized size).
+    get_memory_footprint = memory_footprint
 
     def __init__(self, config: VisCPMPaintTextEncoderConfig) -> None:
         super().__init__(config)

@@ -23,6 +23,7 @@ int8. Quantizing the head alone would untie it and add a copy, so quanto and bit
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
 import torch
@@ -73,6 +74,19 @@ def embedding_execution_device(model: nn.Module) -> torch.device:
         return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
     weight = embedding.weight
     return weight.device if weight.device.type != "meta" else model.device
+
+
+def own_weights_loaded(module: nn.Module) -> AbstractContextManager:
+    """A context in which `module`'s own (not its children's) offloaded weights are on its execution device.
+
+    accelerate loads an offloaded module's weights in hooks around its `forward`; a method that reads them directly
+    (VisCPM-Chat's `get_image_features` reads the learned queries) needs them loaded explicitly.
+    """
+    if getattr(module, "_hf_hook", None) is None:  # only accelerate's dispatch adds hooks
+        return nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
 
 
 def quantization_config(bits: Literal["int8", "int4"], embeddings: bool = True):

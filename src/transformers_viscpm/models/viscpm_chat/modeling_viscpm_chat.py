@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import PIL.Image
 import torch
-from accelerate.utils import align_module_device
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -30,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
-from ...quantization import embedding_execution_device, memory_footprint
+from ...quantization import embedding_execution_device, memory_footprint, own_weights_loaded
 from ..cpmbee.generation_cpmbee import cpmbee_beam_search
 from ..cpmbee.modeling_cpmbee import CpmBeeForCausalLM
 from .configuration_viscpm_chat import VisCPMChatConfig
@@ -115,8 +114,7 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """Run BEiT-3 on the images and the queries; `pooler_output` holds the features mapped to the CPM-Bee width
         `(batch, query_num, text hidden size)`, `last_hidden_state` the raw query outputs."""
-        # `query` is this module's own weight: when offloaded, only a hooked `forward` would load it.
-        with align_module_device(self):
+        with own_weights_loaded(self):  # `query` is this module's own weight, read outside `forward`
             vision_outputs = self.vision_model(pixel_values=pixel_values, query_embeds=self.query, **kwargs)
         return BaseModelOutputWithPooling(
             last_hidden_state=vision_outputs.last_hidden_state,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _repos import converted_repo
 from PIL import Image
 from transformers import (
     AutoModelForCausalLM,
@@ -214,31 +215,44 @@ def psnr(image: np.ndarray, reference: np.ndarray) -> float:
 MIN_PSNR = {8: 30.0, 4: 20.0}
 
 
-@pytest.mark.parametrize("backend", ["torchao-int8-tied", "quanto-int8", "quanto-int4"])
-def test_paint_quantized_text_encoder_image_close(tmp_path_factory, backend):
-    from _repos import converted_repo
+def paint(pipe, seed: int = 42) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    kwargs = {"num_inference_steps": 3, "height": 32, "width": 32, "output_type": "np"}
+    return pipe("一只可爱的猫，油画风格", generator=generator, **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def paint_reference(tmp_path_factory):
+    """The shared converted Paint repo, its unquantized pipeline and that pipeline's image."""
+    from diffusers import DiffusionPipeline
+
+    repo = converted_repo(tmp_path_factory, "viscpm_paint", False)
+    pipe = DiffusionPipeline.from_pretrained(repo)
+    pipe.set_progress_bar_config(disable=True)
+    return repo, pipe, paint(pipe)
+
+
+def test_psnr_tells_another_picture(paint_reference):
+    """The control of the PSNR thresholds: another seed's picture scores far below them."""
+    _, pipe, expected = paint_reference
+    assert psnr(paint(pipe, seed=7), expected) < MIN_PSNR[4] - 5
+
+
+@pytest.mark.parametrize("backend", ["torchao-int8-tied", "quanto-int4"])
+def test_paint_quantized_text_encoder_image_close(paint_reference, backend):
     from diffusers import DiffusionPipeline
     from diffusers.quantizers import PipelineQuantizationConfig
 
     factory, bits = CPU_BACKENDS[backend]
-    repo = converted_repo(tmp_path_factory, "viscpm_paint", False)
-    reference = DiffusionPipeline.from_pretrained(repo)
+    repo, reference, expected = paint_reference
     quantized = DiffusionPipeline.from_pretrained(
         repo, quantization_config=PipelineQuantizationConfig(quant_mapping={"text_encoder": factory()})
     )
-    assert quantized_weights(quantized.text_encoder)
+    quantized.set_progress_bar_config(disable=True)
+    assert quantized_weights(quantized.text_encoder) and not quantized_weights(quantized.unet)
     assert quantized.text_encoder.get_memory_footprint() < reference.text_encoder.get_memory_footprint()
-    for pipe in (reference, quantized):
-        pipe.set_progress_bar_config(disable=True)
-
-    def paint(pipe, prompt="一只可爱的猫，油画风格", seed=42):
-        generator = torch.Generator().manual_seed(seed)
-        kwargs = {"num_inference_steps": 3, "height": 32, "width": 32, "output_type": "np"}
-        return pipe(prompt, generator=generator, **kwargs).images
-
-    expected = paint(reference)
-    assert psnr(paint(quantized), expected) >= MIN_PSNR[bits]
-    assert psnr(paint(reference, seed=7), expected) < MIN_PSNR[4] - 5  # control: another picture scores far lower
+    value = psnr(paint(quantized), expected)
+    assert value >= MIN_PSNR[bits], value
 
 
 @needs_bnb

@@ -24,10 +24,11 @@ int8. Quantizing the head alone would untie it and add a copy, so quanto and bit
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads QUANTIZE_CHOICES before anything heavy
+    import torch
+    from torch import nn
 
 QUANTIZE_CHOICES = ("int8", "int4")
 
@@ -35,6 +36,9 @@ QUANTIZE_CHOICES = ("int8", "int4")
 def _storages(tensor: torch.Tensor) -> dict[tuple[int, str], int]:
     """The storages holding `tensor`'s data, by (pointer, device): plain tensors hold one; quantized tensor subclasses
     (torchao, optimum-quanto, bitsandbytes) hold their packed data and scales in inner tensors."""
+    import torch
+    from torch import nn
+
     if tensor.device.type == "meta":
         return {}
     flatten = getattr(type(tensor), "__tensor_flatten__", None)
@@ -67,6 +71,8 @@ def embedding_execution_device(model: nn.Module) -> torch.device:
     (`device_map` with `max_memory` / `offload_folder`, sequential CPU offload); its hooks then move the weights to
     their execution device at each call, and the inputs must already be there.
     """
+    import torch
+
     embedding = model.get_input_embeddings()
     hook = getattr(embedding, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)

@@ -14,7 +14,7 @@ image with `chat()` (the original beam search: 3 beams; `</s>` keeps its random 
 - `disk`: bf16 offloaded to disk (`device_map={"": "disk"}`, `offload_folder`): accelerate loads each layer's
   weights for its forward.
 
-Per mode: peak RSS after loading and after the chat (`ru_maxrss` of the process, less its peak before loading, with
+Per mode: peak RSS after loading and after the chat (the process's `VmHWM`, less its peak before loading, with
 torch, transformers, this package and the quantization / offload libraries imported), weight bytes
 (`get_memory_footprint()`: packed data and scales of quantized weights, offloaded weights not counted), decode speed (`new_tokens / (t(chat with N) - t(chat with 0))`,
 beam steps a second), each as a ratio to bf16. Weight bytes per parameter, measured per kind of parameter (the tied
@@ -49,8 +49,14 @@ CHAT = {"num_beams": 3}
 
 # Runs in a fresh process per mode. argv: spec JSON. Prints one JSON line.
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 spec = json.loads(sys.argv[1])
+
+def memory(field):
+    # Linux's per-process figures (bytes): `ru_maxrss` would carry the parent's peak over `exec`.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
 import torch
 import transformers  # noqa: F401
 torch.set_num_threads(spec["threads"])
@@ -70,12 +76,12 @@ elif mode == "int4":
 elif mode == "disk":
     kwargs.update(device_map={"": "disk"}, offload_folder=spec["offload_folder"])
 import accelerate, optimum.quanto, torchao  # noqa: F401  (every mode's baseline holds the same libraries)
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+baseline = memory("VmHWM")
 start = time.perf_counter()
 model = AutoModelForImageTextToText.from_pretrained(repo, **kwargs).eval()
 load_seconds = time.perf_counter() - start
 processor = AutoProcessor.from_pretrained(repo)
-load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+load_peak = memory("VmHWM")
 image = Image.open(spec["image"]).convert("RGB")
 
 def run(new_tokens):
@@ -99,7 +105,7 @@ for param in model.parameters():
     counts[kind] += param.numel()
 print(json.dumps({
     "mode": mode, "baseline": baseline, "load_peak": load_peak,
-    "chat_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "chat_peak": memory("VmHWM"),
     "weights": model.get_memory_footprint(), "bytes": kinds, "params": counts,
     "load_seconds": load_seconds, "ttft": ttft, "total": total, "answer": answer,
 }))

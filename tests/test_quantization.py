@@ -209,10 +209,11 @@ def psnr(image: np.ndarray, reference: np.ndarray) -> float:
 
 
 # A quantized text encoder changes the prompt embeddings by ~1e-2 relative (int8) / ~1e-1 (int4); the tiny UNet
-# turns that into small changes of the same seed's image. 30 dB is a root-mean-square error of 3% of the range (the
-# picture is unchanged to the eye), 20 dB of 10%; an image of another prompt or seed scores about 10 dB here (see
-# the control in the test), so the thresholds tell "the same picture" from "another picture".
-MIN_PSNR = {8: 30.0, 4: 20.0}
+# turns that into changes of the same seed's image. Measured here: 41.8 dB for torchao int8, 20.5 dB for quanto int4,
+# 10.2 dB for another seed's picture (the control below). 30 dB is a root-mean-square error of 3% of the range (the
+# picture unchanged to the eye); 16 dB (16% rms) sits between 4-bit and "another picture" with a margin to both.
+MIN_PSNR = {8: 30.0, 4: 16.0}
+ANOTHER_PICTURE_MAX_PSNR = 13.0
 
 
 def paint(pipe, seed: int = 42) -> np.ndarray:
@@ -233,9 +234,9 @@ def paint_reference(tmp_path_factory):
 
 
 def test_psnr_tells_another_picture(paint_reference):
-    """The control of the PSNR thresholds: another seed's picture scores far below them."""
+    """The control of the PSNR thresholds: another seed's picture scores below them."""
     _, pipe, expected = paint_reference
-    assert psnr(paint(pipe, seed=7), expected) < MIN_PSNR[4] - 5
+    assert psnr(paint(pipe, seed=7), expected) < ANOTHER_PICTURE_MAX_PSNR < MIN_PSNR[4]
 
 
 @pytest.mark.parametrize("backend", ["torchao-int8-tied", "quanto-int4"])

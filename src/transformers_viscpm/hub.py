@@ -43,7 +43,7 @@ TRANSFORMERS_AUTO_MAPS: dict[str, dict[str, dict[str, str | tuple[str, None]]]] 
     "viscpm_chat": {
         "config.json": {
             "AutoConfig": "VisCPMChatConfig",
-            "AutoModel": "VisCPMChatModel",
+            "AutoModel": "VisCPMChatForConditionalGeneration",
             "AutoModelForImageTextToText": "VisCPMChatForConditionalGeneration",
         },
         "tokenizer_config.json": {"AutoTokenizer": ("CpmBeeTokenizer", None)},

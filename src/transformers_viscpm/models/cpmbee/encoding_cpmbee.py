@@ -40,6 +40,7 @@ This module is the one place of that rule; it reproduces the original VisCPM `_p
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -47,12 +48,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from transformers import BatchEncoding
 
+from .structure_cpmbee import PER_TOKEN_KEYS
+
 if TYPE_CHECKING:
     from .tokenization_cpmbee import CpmBeeTokenizer
 
 __all__ = [
-    "PER_TOKEN_KEYS",
-    "STRUCTURE_KEYS",
     "CpmBeeMarkup",
     "CpmBeeSampleInfo",
     "encode_structured",
@@ -64,18 +65,6 @@ IMAGE_KEY = "image"
 ROOT_MARKUP = "<root>"
 # Relation buckets count tree steps up to this depth (the original's `max_depth`).
 MAX_DEPTH = 8
-# Per-token structure tensors of an encoding (DESIGN.md): they describe every token, cached or current.
-STRUCTURE_KEYS = (
-    "position_ids",
-    "context",
-    "sample_ids",
-    "num_segments",
-    "segment_ids",
-    "segment_rel_offset",
-    "attention_mask",
-)
-# All per-token tensors (ids and structure); each is 0 / False on left padding.
-PER_TOKEN_KEYS = ("input_ids", "input_id_subs", *STRUCTURE_KEYS)
 
 
 class CpmBeeMarkup(str):
@@ -416,12 +405,13 @@ def encode_structured(
     ext_ids = np.array([token_id for token_id, _ in batch_ext], dtype=np.int64)
     ext_subs = np.array([sub for _, sub in batch_ext], dtype=np.int64)
 
-    columns = ("input_ids", "input_id_subs", "sample_ids", "num_segments", "segment_ids", "segment_rel_offset")
-    arrays = {name: np.zeros((batch_size, length), dtype=np.int64) for name in columns}
-    arrays["position_ids"] = np.zeros((batch_size, length), dtype=np.int64)
-    arrays["context"] = np.zeros((batch_size, length), dtype=bool)
+    # Per-token tensors a row carries as lists; `position_ids` and `attention_mask` are derived below.
+    row_fields = {f.name for f in dataclasses.fields(_Row)}
+    columns = [name for name in PER_TOKEN_KEYS if name in row_fields]
+    arrays = {
+        name: np.zeros((batch_size, length), dtype=bool if name == "context" else np.int64) for name in PER_TOKEN_KEYS
+    }
     arrays["segment_rel"] = np.zeros((batch_size, rel_length), dtype=np.int64)
-    arrays["attention_mask"] = np.zeros((batch_size, length), dtype=np.int64)
     arrays["ext_table_ids"] = np.tile(ext_ids, (batch_size, 1))
     arrays["ext_table_sub"] = np.tile(ext_subs, (batch_size, 1))
     arrays["ext_table_mask"] = np.zeros((batch_size, len(batch_ext)), dtype=bool)
@@ -436,7 +426,6 @@ def encode_structured(
         for name in columns:
             arrays[name][b, pad:] = getattr(row, name)
         arrays["position_ids"][b, pad:] = np.arange(n)
-        arrays["context"][b, pad:] = row.context
         arrays["attention_mask"][b, pad:] = 1
         arrays["segment_rel"][b, : len(row.segment_rel)] = row.segment_rel
         for output_id in info.ext_table:

@@ -26,6 +26,7 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
 from ..cpmbee.encoding_cpmbee import CpmBeeSampleInfo, encode_structured, image_placeholder
+from ..cpmbee.structure_cpmbee import CHAT_KEYS, INPUT_KEYS
 
 # Previous turns become the original context string; the last user message is the question.
 CHAT_TEMPLATE = (
@@ -172,25 +173,7 @@ class VisCPMChatProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return [
-            "input_ids",
-            "input_id_subs",
-            "position_ids",
-            "context",
-            "sample_ids",
-            "num_segments",
-            "segment_ids",
-            "segment_rel_offset",
-            "segment_rel",
-            "attention_mask",
-            "ext_table_ids",
-            "ext_table_sub",
-            "ext_table_mask",
-            "allow_unk",
-            "answer_segment_ids",
-            "image_bound",
-            "pixel_values",
-        ]
+        return [*INPUT_KEYS, *CHAT_KEYS]
 
 
 __all__ = ["VisCPMChatProcessor", "parse_rendered_prompt"]

@@ -201,3 +201,20 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path) -> None:
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "viscpm: interrupted"
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantize_chat_and_paint(demo, tmp_path, bits) -> None:
+    """`--quantize` loads VisCPM-Chat, and Paint's text encoder, through the same quantization configs."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("optimum.quanto")
+    output, _ = demo
+    repo, image = output / "converted" / "VisCPM-Chat-tiny", output / "chat_input.png"
+    chat = viscpm("chat", "--model", str(repo), str(image), "--question", "图里有什么？", "--max-new-tokens", "4",
+                  "--quantize", bits)  # fmt: skip
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    target = tmp_path / "out.png"
+    paint = viscpm("paint", "--model", str(output / "converted" / "VisCPM-Paint-tiny"), "一只猫", "-o", str(target),
+                   "--steps", "2", "--height", "32", "--width", "32", "--quantize", bits)  # fmt: skip
+    assert paint.returncode == 0, paint.stderr[-3000:]
+    assert Image.open(target).size == (32, 32)

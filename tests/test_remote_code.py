@@ -90,6 +90,7 @@ def test_exported_transformers_repo(tmp_path_factory: pytest.TempPathFactory, ki
             "generation_cpmbee",
             "tokenization_cpmbee",
             "encoding_cpmbee",
+            "quantization",
             "structure_cpmbee",
         }
     else:

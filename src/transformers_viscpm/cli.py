@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+from .quantization import QUANTIZE_CHOICES
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2, no traceback."""
@@ -134,13 +136,28 @@ def _check_model(model: str, command: str, kind: str) -> None:
         raise CliError(f"{model} is a {what} repo; `viscpm {command}` needs a {_KIND_NAMES[kind]} repo")
 
 
-def _load_chat(model: str, device: torch.device, dtype_name: str | None):
+def _quantization_config(bits: str | None):
+    """The `quantization_config` of `--quantize` (None without), with a clear error when its backend is missing."""
+    if bits is None:
+        return None
+    from .quantization import quantization_config
+
+    try:
+        return quantization_config(bits)
+    except (ImportError, ValueError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CliError(f"--quantize {bits}: {message} (pip install 'transformers-viscpm[quantization]')") from None
+
+
+def _load_chat(model: str, device: torch.device, dtype_name: str | None, quantize: str | None = None):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(model)
-        chat_model = AutoModelForImageTextToText.from_pretrained(model, dtype=_dtype(dtype_name) or torch.float32)
+        chat_model = AutoModelForImageTextToText.from_pretrained(
+            model, dtype=_dtype(dtype_name) or torch.float32, quantization_config=_quantization_config(quantize)
+        )
     except (OSError, ValueError) as err:
         raise CliError(f"cannot load VisCPM-Chat from {model}: {str(err).splitlines()[0]}") from None
     return processor, chat_model.to(device).eval()
@@ -153,7 +170,7 @@ def _cmd_chat(args: argparse.Namespace) -> None:
     _runtime()
     from transformers import TextStreamer
 
-    processor, model = _load_chat(args.model, device, args.dtype)
+    processor, model = _load_chat(args.model, device, args.dtype, args.quantize)
     context, vision_hidden_states = "", None
 
     def ask(question: str) -> None:
@@ -208,7 +225,14 @@ def _cmd_paint(args: argparse.Namespace) -> None:
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(args.model, dtype=_dtype(args.dtype) or torch.float32)
+        quantization = _quantization_config(args.quantize)
+        if quantization is not None:  # the text encoder (CPM-Bee, 10B); the UNet and VAE stay as loaded
+            from diffusers.quantizers import PipelineQuantizationConfig
+
+            quantization = PipelineQuantizationConfig(quant_mapping={"text_encoder": quantization})
+        pipe = DiffusionPipeline.from_pretrained(
+            args.model, dtype=_dtype(args.dtype) or torch.float32, quantization_config=quantization
+        )
     except (OSError, ValueError) as err:
         raise CliError(f"cannot load VisCPM-Paint from {args.model}: {str(err).splitlines()[0]}") from None
     pipe = pipe.to(device)
@@ -277,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=_positive_int, default=512)
     chat.add_argument("--device", default="cpu")
     chat.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    chat.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="weight-only quantization (torchao / quanto)")
 
     paint = sub.add_parser("paint", help="generate an image from a prompt")
     paint.add_argument("--model", required=True, help="converted folder or hub repo id")
@@ -290,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     paint.add_argument("--width", type=_positive_int, help="default: the model's own size")
     paint.add_argument("--device", default="cpu")
     paint.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    paint.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the text encoder (torchao / quanto)")
     return parser
 
 

@@ -42,6 +42,7 @@ from transformers.processing_utils import Unpack
 from ...models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from ...models.cpmbee.modeling_cpmbee import CpmBeeModel
 from ...models.cpmbee.structure_cpmbee import STOCK_KEYS, STRUCTURE_KEYS, CpmBeeStructureKwargs
+from ...quantization import memory_footprint
 
 __all__ = ["VisCPMPaintTextEncoder", "VisCPMPaintTextEncoderConfig"]
 
@@ -92,6 +93,8 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
     _supports_sdpa = True
     # The CPM-Bee tensors of a structured encoding (DESIGN.md) that `forward` takes.
     encoder_input_names = (*STOCK_KEYS, *STRUCTURE_KEYS)
+    # Counts the packed data of quantized weights (transformers' own counts their unquantized size).
+    get_memory_footprint = memory_footprint
 
     def __init__(self, config: VisCPMPaintTextEncoderConfig) -> None:
         super().__init__(config)

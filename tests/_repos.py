@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from transformers_viscpm.hub import add_to_hub_cache
+from _hub_cache import add_to_hub_cache
 
 REPO_IDS = {
     "cpmbee": "openbmb/cpm-bee-10b",

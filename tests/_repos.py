@@ -50,6 +50,11 @@ HIDE_PLUGIN = textwrap.dedent(
 )
 
 
+def _code_option(remote_code: bool) -> dict[str, bool]:
+    """The converters ship the code by default: the remote-code repos are built with the default."""
+    return {} if remote_code else {"remote_code": False}
+
+
 def build_cpmbee(folder: Path, remote_code: bool) -> Path:
     """Convert a seeded tiny original CPM-Bee checkpoint into ``folder/converted``."""
     from transformers_viscpm.conversion.convert_cpmbee import convert_cpmbee
@@ -63,8 +68,8 @@ def build_cpmbee(folder: Path, remote_code: bool) -> Path:
         folder / "cpm-bee-10b.pt",
         folder / "cpm-bee-10b.json",
         folder / "converted",
-        remote_code=remote_code,
         show_progress=False,
+        **_code_option(remote_code),
     )
 
 
@@ -83,8 +88,8 @@ def build_viscpm_chat(folder: Path, remote_code: bool) -> Path:
         folder / "converted",
         llm_config=llm_config,
         vision_config=TINY_CHAT_VISION,
-        remote_code=remote_code,
         show_progress=False,
+        **_code_option(remote_code),
     )
 
 
@@ -102,8 +107,8 @@ def build_viscpm_paint(folder: Path, remote_code: bool) -> Path:
         folder / "sd-base",
         folder / "converted",
         llm_config=TINY_PAINT_CPMBEE,
-        remote_code=remote_code,
         show_progress=False,
+        **_code_option(remote_code),
     )
 
 
@@ -116,7 +121,7 @@ def converted_repo(tmp_path_factory: pytest.TempPathFactory, kind: str, remote_c
     key = (kind, remote_code)
     if key not in _BUILT:
         folder = tmp_path_factory.mktemp(f"{kind}-{'remote' if remote_code else 'plugin'}")
-        _BUILT[key] = BUILDERS[kind](folder, remote_code)  # the converters' own `--remote-code` path
+        _BUILT[key] = BUILDERS[kind](folder, remote_code)
     return _BUILT[key]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils.type_validators import interval, probability
 
 # Keys of the original `CPMBeeConfig` JSON that map one-to-one onto our fields.
 _ORIGINAL_KEYS = (
@@ -66,19 +67,19 @@ class CpmBeeConfig(PreTrainedConfig):
         "attention_dropout": "dropout_p",
     }
 
-    vocab_size: int = 86583
-    dim_model: int = 4096
-    dim_ff: int = 10240
-    num_layers: int = 48
-    num_heads: int = 32
-    dim_head: int = 128
-    dropout_p: float | int = 0.0
-    position_bias_num_buckets: int = 256
-    position_bias_num_segment_buckets: int = 256
-    position_bias_max_distance: int = 2048
-    eps: float = 1e-6
+    vocab_size: int = interval(min=1)(default=86583)
+    dim_model: int = interval(min=1)(default=4096)
+    dim_ff: int = interval(min=1)(default=10240)
+    num_layers: int = interval(min=1)(default=48)
+    num_heads: int = interval(min=1)(default=32)
+    dim_head: int = interval(min=1)(default=128)
+    dropout_p: float | int = probability(default=0.0)
+    position_bias_num_buckets: int = interval(min=1)(default=256)
+    position_bias_num_segment_buckets: int = interval(min=1)(default=256)
+    position_bias_max_distance: int = interval(min=1)(default=2048)
+    eps: float = interval(min=0, exclude_min=True)(default=1e-6)
     mask_modules: list[list[bool]] | None = None
-    init_std: float = 1.0
+    init_std: float = interval(min=0)(default=1.0)
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils.type_validators import interval
 
 from ...models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from ...models.cpmbee.encoding_cpmbee import PER_TOKEN_KEYS
@@ -60,8 +61,8 @@ class VisCPMPaintTextEncoderConfig(PreTrainedConfig):
     sub_configs_defaults = {"cpmbee_config": CpmBeeConfig}
 
     cpmbee_config: dict | CpmBeeConfig | None = None
-    projection_dim: int = 1024
-    layer_norm_eps: float = 1e-6
+    projection_dim: int = interval(min=1)(default=1024)
+    layer_norm_eps: float = interval(min=0, exclude_min=True)(default=1e-6)
 
 
 class VisCPMPaintTransBlock(nn.Module):

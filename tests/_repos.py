@@ -50,9 +50,9 @@ HIDE_PLUGIN = textwrap.dedent(
 )
 
 
-def _code_option(remote_code: bool) -> dict[str, bool]:
-    """The converters ship the code by default: the remote-code repos are built with the default."""
-    return {} if remote_code else {"remote_code": False}
+def _code_option(remote_code: bool, default: bool = True) -> dict[str, bool]:
+    """Converter keywords for ``remote_code``, left at the converter's default when it is the default."""
+    return {} if remote_code == default else {"remote_code": remote_code}
 
 
 def build_cpmbee(folder: Path, remote_code: bool) -> Path:
@@ -108,7 +108,7 @@ def build_viscpm_paint(folder: Path, remote_code: bool) -> Path:
         folder / "converted",
         llm_config=TINY_PAINT_CPMBEE,
         show_progress=False,
-        **_code_option(remote_code),
+        **_code_option(remote_code, default=False),
     )
 
 

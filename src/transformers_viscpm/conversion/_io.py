@@ -1003,8 +1003,11 @@ def converter_parser(kind: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=converter_command(kind), description=description)
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every converter shares: dtype, sharding, overwrite, hub push, remote code, finiteness, progress."""
+def add_output_arguments(parser: argparse.ArgumentParser, remote_code: bool = True) -> None:
+    """The options every converter shares: dtype, sharding, overwrite, hub push, remote code, finiteness, progress.
+
+    ``remote_code`` is whether the converter ships the modelling code unless told otherwise.
+    """
     parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="output dtype (default: the checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
@@ -1013,9 +1016,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--remote-code",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=remote_code,
         help="write the modelling code into the folder, for trust_remote_code=True loading without this package "
-        "(default; --no-remote-code leaves it out)",
+        f"(default: {'yes' if remote_code else 'no'})",
     )
     parser.add_argument(
         "--allow-non-finite",

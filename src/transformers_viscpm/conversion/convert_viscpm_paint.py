@@ -171,7 +171,7 @@ def convert_viscpm_paint(
     max_shard_size: int | str = "5GB",
     push_to_hub: str | None = None,
     private: bool = False,
-    remote_code: bool = True,
+    remote_code: bool = False,
     allow_non_finite: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
@@ -182,8 +182,10 @@ def convert_viscpm_paint(
     keeps the checkpoint's dtype (the VAE is cast to it). Nothing is written unless the checkpoint and the SD base
     check out, and ``output_dir`` appears only once complete; an existing non-empty ``output_dir`` is replaced only
     with ``overwrite``. Bad inputs raise :class:`CheckpointError`. With ``push_to_hub`` the folder is uploaded.
-    The folder ships the modelling code too (``trust_remote_code=True`` loading without the plugin) unless
-    ``remote_code=False``.
+    With ``remote_code`` the folder ships the pipeline's code too, for ``trust_remote_code=True`` loading without the
+    plugin. It is off by default, unlike the transformers converters: diffusers runs a repo's pipeline code whenever
+    the repo ships it and refuses to load it without ``trust_remote_code=True``, plugin or not, so shipping it would
+    make every plugin user trust the repo's code instead of their own.
     """
     output_dir = check_output_dir(output_dir, overwrite)
     dtype, max_shard_size = parse_dtype(dtype), parse_size(max_shard_size)
@@ -310,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="output folder (created atomically)")
     parser.add_argument("--llm-config", help="original CPM-Bee config JSON (default: the released 10B)")
-    add_output_arguments(parser)
+    add_output_arguments(parser, remote_code=False)
     return parser
 
 

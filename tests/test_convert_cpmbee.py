@@ -158,12 +158,20 @@ def _broken(sd: dict[str, torch.Tensor], change: str) -> dict[str, torch.Tensor]
     [
         ("missing", {}, r"missing keys \(named as in the converted model\): cpmbee.encoder.layers.1.ffn.ffn.w_out"),
         ("unexpected", {}, r"unexpected keys: encoder.layers.0.self_att.self_attention.project_o.weight"),
-        ("shape", {}, r"shape mismatches: 'encoder.layers.0.ffn.ffn.w_in.w_0.weight' is \[33, 16\], expected \[32, 16\]"),
+        (
+            "shape",
+            {},
+            r"shape mismatches: 'encoder.layers.0.ffn.ffn.w_in.w_0.weight' is \[33, 16\], expected \[32, 16\]",
+        ),
         ("dtype", {}, r"key 'encoder.output_layernorm.weight' is stored as torch.int32"),
         ("mixed", {}, r"mixes torch.float16, torch.float32; choose the output dtype explicitly"),
         (None, {"num_layers": 4}, r"the checkpoint has 2 layers but the config has num_layers=4"),
         (None, {"vocab_size": 1000}, r"'input_embedding.weight' has 86583 rows but the config has vocab_size=1000"),
-        (None, {"dim_ff": 64}, r"shape mismatches: 'encoder.layers.0.ffn.ffn.w_in.w_0.weight' is \[32, 16\], expected"),
+        (
+            None,
+            {"dim_ff": 64},
+            r"shape mismatches: 'encoder.layers.0.ffn.ffn.w_in.w_0.weight' is \[32, 16\], expected",
+        ),
         (
             None,
             {"num_layers": 2, "mask_modules": [[False, False], [True, False]]},

@@ -232,7 +232,11 @@ def _changed(sd: dict[str, torch.Tensor], change: str) -> dict[str, torch.Tensor
         ("no_projection", True, r"has no 'trans_block.w_out_res.weight'"),
         ("mixed", True, r"mixes torch.float16, torch.float32; choose the output dtype explicitly"),
         ("chat", True, r"this is a VisCPM-Chat checkpoint \(it has mapping.\*, query keys\).*`viscpm convert chat`"),
-        ("cpmbee", True, r"not a VisCPM-Paint checkpoint \(a plain CPM-Bee one converts with `viscpm convert cpmbee`\)"),
+        (
+            "cpmbee",
+            True,
+            r"not a VisCPM-Paint checkpoint \(a plain CPM-Bee one converts with `viscpm convert cpmbee`\)",
+        ),
         (None, False, r"default 10B CPM-Bee config\): the checkpoint has 2 layers but the config has num_layers=48"),
         (None, {"dim_ff": 96}, r"shape mismatches: 'llm.encoder.layers.0.ffn.ffn.w_in.w_0.weight' is \[128, 64\]"),
     ],

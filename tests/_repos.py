@@ -160,7 +160,13 @@ def run_python(code: str, env: dict[str, str], cwd: Path, hide_plugin: bool = Fa
     """Run ``code`` in a fresh interpreter; it prints one JSON object as its last line, which is returned."""
     source = (HIDE_PLUGIN if hide_plugin else "") + textwrap.dedent(code)
     result = subprocess.run(
-        [sys.executable, "-c", source], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", source],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,  # transformers asks on stdin before running a repo's code: answer no
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])

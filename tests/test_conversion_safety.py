@@ -369,3 +369,73 @@ def test_racing_converters_on_one_folder_leave_one_whole_output(tmp_path: Path) 
     assert _siblings(tmp_path) == ["o.pt", "out"]
     assert verify_checksums(out) == [out / "model.safetensors"]
     assert torch.equal(load_file(out / "model.safetensors")["model.emb.weight"], sd["emb.weight"])
+
+
+# ---------------------------------------------------------------- configs and vocabularies
+
+
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [
+        ("cpmbee", "dim_model", -4),
+        ("cpmbee", "num_layers", 0),
+        ("cpmbee", "dim_head", 2.5),
+        ("cpmbee", "eps", 0.0),
+        ("cpmbee", "eps", -1e-6),
+        ("cpmbee", "dropout_p", 1.5),
+        ("vision", "patch_size", 0),
+        ("vision", "layer_norm_eps", 0.0),
+        ("chat", "query_num", -1),
+        ("paint", "projection_dim", -8),
+        ("paint", "layer_norm_eps", -1.0),
+    ],
+)
+def test_config_values_are_validated_with_the_field_named(cls: str, field: str, value: object) -> None:
+    from huggingface_hub.errors import StrictDataclassError
+
+    from transformers_viscpm.models.cpmbee.configuration_cpmbee import CpmBeeConfig
+    from transformers_viscpm.models.viscpm_chat.configuration_viscpm_chat import (
+        VisCPMChatConfig,
+        VisCPMChatVisionConfig,
+    )
+    from transformers_viscpm.pipelines.viscpm_paint import VisCPMPaintTextEncoderConfig
+
+    classes = {
+        "cpmbee": CpmBeeConfig,
+        "vision": VisCPMChatVisionConfig,
+        "chat": VisCPMChatConfig,
+        "paint": VisCPMPaintTextEncoderConfig,
+    }
+    with pytest.raises(StrictDataclassError, match=f"field '{field}'"):
+        classes[cls](**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("{", "Expecting property name"), ("[1, 2]", ""), ('{"dim_model": -1}', "dim_model"), ('{"bogus": 1}', "bogus")],
+)
+def test_bad_original_configs_name_the_file(tmp_path: Path, text: str, problem: str) -> None:
+    from transformers_viscpm.conversion.convert_cpmbee import read_original_config
+
+    (tmp_path / "cpm-bee.json").write_text(text)
+    with pytest.raises(CheckpointError, match=f"cpm-bee.json: not a usable original CPM-Bee config .*{problem}"):
+        read_original_config(tmp_path / "cpm-bee.json")
+
+
+def test_a_vocabulary_that_does_not_match_the_model_is_refused(tmp_path: Path) -> None:
+    from transformers_viscpm.conversion.convert_cpmbee import convert_cpmbee
+    from transformers_viscpm.synthetic.cpmbee import original_cpmbee_state_dict, tiny_cpmbee_config
+
+    config = tiny_cpmbee_config(vocab_size=1000, dim_model=16, dim_ff=32, dim_head=8)
+    torch.save(original_cpmbee_state_dict(config, seed=0), tmp_path / "o.pt")
+    with pytest.raises(CheckpointError, match="vocab_size=1000 but the CPM-Bee vocabulary has 86583 entries"):
+        convert_cpmbee(tmp_path / "o.pt", config, tmp_path / "out", show_progress=False)
+    assert _siblings(tmp_path) == ["o.pt"]
+
+
+def test_a_non_utf8_vocabulary_names_its_file(tmp_path: Path) -> None:
+    from transformers_viscpm.models.cpmbee.tokenization_cpmbee import load_vocab
+
+    (tmp_path / "vocab.txt").write_bytes(b"</s>\n</n>\n</_>\n" + b"\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"vocab.txt: not a UTF-8 CPM-Bee vocabulary"):
+        load_vocab(tmp_path / "vocab.txt")

@@ -39,7 +39,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils.type_validators import interval
 
-from ...models.cpmbee.configuration_cpmbee import CpmBeeConfig
+from ...models.cpmbee.configuration_cpmbee import CpmBeeConfig, positive_int
 from ...models.cpmbee.encoding_cpmbee import PER_TOKEN_KEYS
 from ...models.cpmbee.modeling_cpmbee import CpmBeeModel
 
@@ -61,7 +61,7 @@ class VisCPMPaintTextEncoderConfig(PreTrainedConfig):
     sub_configs_defaults = {"cpmbee_config": CpmBeeConfig}
 
     cpmbee_config: dict | CpmBeeConfig | None = None
-    projection_dim: int = interval(min=1)(default=1024)
+    projection_dim: int = positive_int(default=1024)
     layer_norm_eps: float = interval(min=0, exclude_min=True)(default=1e-6)
 
 

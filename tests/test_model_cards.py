@@ -10,10 +10,11 @@ import re
 from pathlib import Path
 
 import pytest
+from _hub_cache import CARD_METADATA, parse_model_card, python_snippets
 from _repos import REPO_IDS, converted_repo, hub_cache, offline_env, run_python
 from huggingface_hub import ModelCard, ModelCardData
 
-from transformers_viscpm.hub import CARD_METADATA, PACKAGE_DIR, parse_model_card, python_snippets
+from transformers_viscpm.hub import PACKAGE_DIR
 
 KINDS = list(REPO_IDS)
 

@@ -258,8 +258,9 @@ def _cmd_convert(args: argparse.Namespace, rest: Sequence[str]) -> None:
     _runtime()
     from .conversion import CONVERTER_MAINS
 
-    if CONVERTER_MAINS[args.kind](list(rest)) != 0:
-        raise CliError(f"conversion of the {args.kind} checkpoint failed (see the message above)")
+    status = CONVERTER_MAINS[args.kind](list(rest))
+    if status:
+        raise SystemExit(status)  # the converter has printed its one error line
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -136,6 +136,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.output), device=args.device)
 
 
+def _cmd_web(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise CliError('viscpm web needs gradio: pip install "transformers-viscpm[web]"')
+    from .web import serve
+
+    try:
+        serve(args.chat_model, args.paint_model, args.device, _dtype(args.dtype), args.host, args.port, args.share)
+    except (OSError, ValueError) as err:
+        raise CliError(f"cannot serve the web demo: {str(err).splitlines()[0]}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="viscpm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     paint.add_argument("--width", type=int, default=512)
     paint.add_argument("--device", default="cpu")
     paint.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+
+    web = sub.add_parser(
+        "web", help="serve the Chat and Paint web demo (gradio; default: the tiny random demo models)"
+    )
+    web.add_argument("--chat-model", help="converted VisCPM-Chat folder or hub repo id (default: tiny random demo)")
+    web.add_argument("--paint-model", help="converted VisCPM-Paint folder or hub repo id (default: tiny random demo)")
+    web.add_argument("--device", default="cpu")
+    web.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    web.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
+    web.add_argument("--share", action="store_true", help="also open a public gradio share link")
     return parser
 
 
@@ -184,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "convert": lambda: _cmd_convert(args, rest),
         "chat": lambda: _cmd_chat(args),
         "paint": lambda: _cmd_paint(args),
+        "web": lambda: _cmd_web(args),
     }
     try:
         commands[args.command]()

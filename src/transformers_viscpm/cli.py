@@ -137,11 +137,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_web(args: argparse.Namespace) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("gradio") is None:
-        raise CliError('viscpm web needs gradio: pip install "transformers-viscpm[web]"')
-    from .web import serve
+    try:
+        from .web import serve
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        raise CliError('viscpm web needs gradio: pip install "transformers-viscpm[web]"') from None
 
     try:
         serve(args.chat_model, args.paint_model, args.device, _dtype(args.dtype), args.host, args.port, args.share)
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--device", default="cpu")
     web.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    web.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
+    web.add_argument("--port", type=int, default=7860)
     web.add_argument("--share", action="store_true", help="also open a public gradio share link")
     return parser
 

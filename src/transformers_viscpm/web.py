@@ -101,7 +101,7 @@ def load_models(
         chat_model, paint_model = chat_model or str(tiny_chat), paint_model or str(tiny_paint)
     dtype = dtype or torch.float32
     model = AutoModelForImageTextToText.from_pretrained(chat_model, dtype=dtype).to(device).eval()
-    pipe = DiffusionPipeline.from_pretrained(paint_model, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(paint_model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return Models(model, AutoProcessor.from_pretrained(chat_model), pipe, random)
 
@@ -120,7 +120,9 @@ def open_image(path: str | None) -> Image.Image:
                 )
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
+    except Image.DecompressionBombError as err:  # PIL's own limit, checked while opening
+        raise gr.Error(f"图片太大 Image too large: {err}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         name = Path(path).name
         raise gr.Error(f"无法读取图片 Not an image we can read: {name} ({type(err).__name__})") from None
 
@@ -274,7 +276,9 @@ def build_app(models: Models) -> gr.Blocks:
                     preview = gr.Image(label="图片 Image", interactive=False, height=240)
                     status = gr.Markdown("请上传图片 Upload an image to start.", elem_id="chat-status")
                 with gr.Column(scale=2):
-                    chatbot = gr.Chatbot(label="对话 Conversation", height=360, elem_id="chatbot")
+                    chatbot = gr.Chatbot(
+                        label="对话 Conversation", height=360, render_markdown=False, elem_id="chatbot"
+                    )
                     question = gr.Textbox(
                         label="问题 Question", placeholder="这幅图里有什么？ What is in the picture?"
                     )
@@ -297,17 +301,17 @@ def build_app(models: Models) -> gr.Blocks:
 
             def on_upload(path: str | None, current: dict | None) -> tuple[Any, ...]:
                 if path is None:
-                    return None, None, [], "请上传图片 Upload an image to start."
+                    return gr.skip(), None, None, [], "请上传图片 Upload an image to start."
                 try:
-                    return _new_image(models, path)
-                except gr.Error as err:
+                    return gr.skip(), *_new_image(models, path)
+                except gr.Error as err:  # keep the session; empty the upload box for the next try
                     gr.Warning(err.message)
-                    return None, current, gr.skip(), f"⚠️ {err.message}"
+                    return None, gr.skip(), current, gr.skip(), f"⚠️ {err.message}"
 
             def on_ask(text: str, current: dict | None, *settings: Any) -> Iterator[tuple[Any, ...]]:
                 yield from _ask(models, text, current, *settings)
 
-            upload.upload(on_upload, [upload, session], [preview, session, chatbot, status])
+            upload.upload(on_upload, [upload, session], [upload, preview, session, chatbot, status])
             ask_inputs = [question, session, mode, max_new_tokens, num_beams, repetition]
             for trigger in (send.click, question.submit):
                 trigger(on_ask, ask_inputs, [chatbot, session, question], concurrency_id="chat")
@@ -354,12 +358,22 @@ def serve(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     host: str = "127.0.0.1",
-    port: int | None = None,
+    port: int = 7860,
     share: bool = False,
 ) -> None:
-    """Load the models and serve the app until interrupted (a public share link only with `share=True`)."""
+    """Load the models and serve the app until interrupted; a public share link only with `share=True`.
+
+    Without a share link the app runs in uvicorn directly: `Blocks.launch` gives up when its own request to the new
+    server takes over 3 s, which a loaded machine can exceed."""
     start = time.perf_counter()
-    models = load_models(chat_model, paint_model, device=device, dtype=dtype)
-    app = build_app(models)
+    app = build_app(load_models(chat_model, paint_model, device=device, dtype=dtype))
     print(f"models ready in {time.perf_counter() - start:.1f} s", flush=True)
-    app.launch(server_name=host, server_port=port, share=share, ssr_mode=False, max_file_size="50mb", show_error=True)
+    options = dict(ssr_mode=False, max_file_size="50mb", show_error=True)
+    if share:
+        app.launch(server_name=host, server_port=port, share=True, **options)
+        return
+    import uvicorn
+    from fastapi import FastAPI
+
+    server = gr.mount_gradio_app(FastAPI(), app, path="/", server_name=host, server_port=port, **options)
+    uvicorn.run(server, host=host, port=port, access_log=False)

@@ -30,7 +30,7 @@ MAX_IMAGE_PIXELS = 40_000_000  # larger uploads are refused before decoding (PIL
 MAX_PROMPT_CHARS = 2000
 CONCURRENCY_LIMIT = 2  # requests decoded at once per event; the rest wait in the queue
 BEAM, GREEDY = "束搜索 Beam search (original chat)", "贪心·流式 Greedy (streamed)"
-WORKING = "⏳ 正在生成… Working (beam search)…"
+WORKING = "⌛ 正在生成… Working (beam search)…"
 RANDOM_NOTICE = (
     "⚠️ **随机权重 Random weights.** This is the embedded demo: tiny {which} with random weights, converted from "
     "synthetic checkpoints. The answers and pictures are noise; they show the machinery, not the model. "
@@ -213,7 +213,7 @@ def _new_image(models: Models, path: str | None) -> tuple[Image.Image, dict, lis
     with torch.no_grad():
         vision = model.get_image_features(pixel_values.to(model.device, model.dtype)).pooler_output
     session = {"vision_hidden_states": vision, "messages": []}
-    return image, session, [], f"✅ 图片已就绪 Image ready ({image.width} x {image.height}); ask away."
+    return image, session, [], f"✔ 图片已就绪 Image ready ({image.width} x {image.height}); ask away."
 
 
 def _paint(
@@ -257,7 +257,7 @@ def _paint(
     except ValueError as err:
         raise gr.Error(f"无法生成 Cannot paint: {err}") from None
     seconds = time.perf_counter() - start
-    return images, f"✅ {len(images)} 张图片 image(s), {steps}/{steps} steps, {seconds:.1f} s"
+    return images, f"✔ {len(images)} 张图片 image(s), {steps}/{steps} steps, {seconds:.1f} s"
 
 
 def build_app(models: Models) -> gr.Blocks:

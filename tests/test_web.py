@@ -201,6 +201,9 @@ def _toast(page, text: str) -> None:
 
 
 def test_chat_two_turns_and_bad_input(browser, server, models, pictures, shots) -> None:
+    # built on first use, moved into place whole: the two repos and no leftover temporary folder
+    assert [path.name for path in server["cache"].parent.iterdir()] == ["demo"]
+    assert sorted(path.name for path in server["cache"].iterdir()) == ["VisCPM-Chat-tiny", "VisCPM-Paint-tiny"]
     context, page = _open(browser, server)
     bot = page.locator("#chatbot [data-testid=bot]")
 

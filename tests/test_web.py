@@ -144,17 +144,21 @@ def models(server):
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("web-pictures")
-    paths = {name: folder / f"{name}.png" for name in ("landscape", "mirrored", "not_an_image", "huge")}
+    paths = {
+        name: folder / f"{name}.png" for name in ("landscape", "mirrored", "not_an_image", "truncated", "big", "huge")
+    }
     demo_picture().save(paths["landscape"])
     ImageOps.mirror(demo_picture()).save(paths["mirrored"])
     paths["not_an_image"].write_bytes(b"this is text, not a PNG\n" * 20)
-    # a 1x1 PNG whose header claims 20,000 x 20,000 pixels: a decompression bomb, refused before decoding
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    data[16:24] = struct.pack(">II", 20_000, 20_000)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    paths["huge"].write_bytes(bytes(data))
+    paths["truncated"].write_bytes(paths["landscape"].read_bytes()[:300])  # a valid header, then the file ends
+    # 1x1 PNGs whose headers claim 8,000^2 pixels (over our limit) and 20,000^2 (a decompression bomb to PIL too)
+    for name, side in (("big", 8_000), ("huge", 20_000)):
+        buffer = io.BytesIO()
+        Image.new("L", (1, 1)).save(buffer, "PNG")
+        data = bytearray(buffer.getvalue())
+        data[16:24] = struct.pack(">II", side, side)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+        paths[name].write_bytes(bytes(data))
     return paths
 
 
@@ -209,6 +213,10 @@ def test_chat_two_turns_and_bad_input(browser, server, models, pictures, shots) 
 
     _upload(page, pictures["not_an_image"])
     _toast(page, "Not an image we can read: not_an_image.png")
+    _upload(page, pictures["truncated"])
+    _toast(page, "Not an image we can read: truncated.png")
+    _upload(page, pictures["big"])
+    _toast(page, "Image too large: 8000 x 8000 pixels (at most 40,000,000 pixels)")
     _upload(page, pictures["huge"])
     _toast(page, "Image too large: Image size (400000000 pixels) exceeds limit")
     page.screenshot(path=shots / "chat-bad-image.png")

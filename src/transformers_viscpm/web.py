@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from transformers import TextIteratorStreamer
+
+from .models.viscpm_chat.processing_viscpm_chat import parse_rendered_prompt
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline demo
 
@@ -111,20 +114,24 @@ def open_image(path: str | None) -> Image.Image:
     header, before any pixel is decoded)."""
     if not path:
         raise gr.Error("请先上传图片 Upload an image first.")
+    name = Path(path).name
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise gr.Error(
-                    f"图片太大 Image too large: {width} x {height} pixels (at most {MAX_IMAGE_PIXELS:,} pixels)."
-                )
-            image.load()
-            return image.convert("RGB")
+        image = Image.open(path)
     except Image.DecompressionBombError as err:  # PIL's own limit, checked while opening
         raise gr.Error(f"图片太大 Image too large: {err}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        name = Path(path).name
+    except (UnidentifiedImageError, OSError) as err:
         raise gr.Error(f"无法读取图片 Not an image we can read: {name} ({type(err).__name__})") from None
+    with image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise gr.Error(
+                f"图片太大 Image too large: {width} x {height} pixels (at most {MAX_IMAGE_PIXELS:,} pixels)."
+            )
+        try:
+            image.load()
+        except (OSError, ValueError) as err:  # a truncated or corrupt file
+            raise gr.Error(f"无法读取图片 Not an image we can read: {name} ({err})") from None
+        return image.convert("RGB")
 
 
 def _check_prompt(text: str, what: str) -> str:
@@ -154,14 +161,15 @@ def _ask(
     processor, model = models.processor, models.chat_model
     messages = [*session["messages"], {"role": "user", "content": question}]
     rendered = processor.apply_chat_template(messages, tokenize=False)  # the chat template: home of the turn format
-    shown = [*session["messages"], {"role": "user", "content": question}]
     settings = dict(max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty))
     vision = session["vision_hidden_states"]
     if mode == GREEDY:
         inputs, infos = processor.encode(text=rendered)
         # the ext table travels with this encoding: the streamer decodes with it, not with shared tokenizer state
-        streamer = gr_streamer(processor.tokenizer, dict(infos[0].ext_table))
-        failure: list[BaseException] = []
+        streamer = TextIteratorStreamer(
+            processor.tokenizer, skip_prompt=True, skip_special_tokens=True, ext_table=dict(infos[0].ext_table)
+        )
+        failure: list[Exception] = []
 
         def decode() -> None:
             try:
@@ -169,7 +177,7 @@ def _ask(
                     **inputs.to(model.device), vision_hidden_states=vision, streamer=streamer,
                     do_sample=False, num_beams=1, **settings,
                 )  # fmt: skip
-            except BaseException as err:  # noqa: B036 - reported in the page below
+            except Exception as err:  # reported in the page below
                 failure.append(err)
                 streamer.end()
 
@@ -177,32 +185,21 @@ def _ask(
         answer = ""
         for piece in streamer:
             answer += piece
-            yield [*shown, {"role": "assistant", "content": answer}], session, ""
+            yield [*messages, {"role": "assistant", "content": answer}], session, ""
         if failure:
             raise gr.Error(f"生成失败 Decoding failed: {failure[0]}")
     else:
-        yield [*shown, {"role": "assistant", "content": WORKING}], session, ""
-        from .models.viscpm_chat.processing_viscpm_chat import parse_rendered_prompt
-
+        yield [*messages, {"role": "assistant", "content": WORKING}], session, ""
         context, question = parse_rendered_prompt(rendered)
         try:
             answer, _, _ = model.chat(
                 None, question, context=context, vision_hidden_states=vision, processor=processor,
                 num_beams=int(num_beams), **settings,
             )  # fmt: skip
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:
             raise gr.Error(f"生成失败 Decoding failed: {err}") from None
-    final = [*shown, {"role": "assistant", "content": answer}]
+    final = [*messages, {"role": "assistant", "content": answer}]
     yield final, {**session, "messages": final}, ""
-
-
-def gr_streamer(tokenizer: Any, ext_table: dict[int, str]) -> Any:
-    """A token-by-token text streamer decoding with `ext_table` (the prompt's), skipping `</s>`."""
-    from transformers import TextIteratorStreamer
-
-    return TextIteratorStreamer(
-        tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600, ext_table=ext_table
-    )
 
 
 def _new_image(models: Models, path: str | None) -> tuple[Image.Image, dict, list[dict], str]:

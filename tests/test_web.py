@@ -74,6 +74,19 @@ def test_web_without_gradio_says_what_to_install() -> None:
     assert ours == ['viscpm: error: viscpm web needs gradio: pip install "transformers-viscpm[web]"']
 
 
+def test_web_with_a_missing_model_is_one_line(tmp_path) -> None:
+    env = {**os.environ, "VISCPM_WEB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    missing = str(tmp_path / "no-such-model")
+    result = subprocess.run(
+        [sys.executable, "-m", "transformers_viscpm", "web", "--chat-model", missing, "--paint-model", missing],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.startswith("viscpm")]
+    assert ours == [f"viscpm: error: model not found: {missing} (give a converted folder or a hub repo id)"]
+    assert not (tmp_path / "cache").exists()  # nothing built when both models are given
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -137,6 +137,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_web(args: argparse.Namespace) -> None:
+    for model in (args.chat_model, args.paint_model):
+        if model is not None:
+            _check_model(model)
     try:
         from .web import serve
     except ModuleNotFoundError as err:

@@ -278,6 +278,25 @@ def default_demo_folder() -> Path:
     return Path(cache) / "transformers_viscpm" / "demo"
 
 
+def _cmd_web(args: argparse.Namespace) -> None:
+    for model, kind in ((args.chat_model, "viscpm_chat"), (args.paint_model, "viscpm_paint")):
+        if model is not None:
+            _check_model(model, "web", kind)
+    device = _device(args.device)
+    try:
+        from .web import serve
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        raise CliError('viscpm web needs gradio: pip install "transformers-viscpm[web]"') from None
+
+    _runtime()
+    try:
+        serve(args.chat_model, args.paint_model, str(device), _dtype(args.dtype), args.host, args.port, args.share)
+    except (OSError, ValueError) as err:
+        raise CliError(f"cannot serve the web demo: {str(err).splitlines()[0]}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="viscpm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,6 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     paint.add_argument("--device", default="cpu")
     paint.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     paint.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the text encoder (torchao / quanto)")
+
+    web = sub.add_parser(
+        "web", help="serve the Chat and Paint web demo (gradio; default: the tiny random demo models)"
+    )
+    web.add_argument("--chat-model", help="converted VisCPM-Chat folder or hub repo id (default: tiny random demo)")
+    web.add_argument("--paint-model", help="converted VisCPM-Paint folder or hub repo id (default: tiny random demo)")
+    web.add_argument("--device", default="cpu")
+    web.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--share", action="store_true", help="also open a public gradio share link")
     return parser
 
 
@@ -333,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "convert": lambda: _cmd_convert(args, rest),
             "chat": lambda: _cmd_chat(args),
             "paint": lambda: _cmd_paint(args),
+            "web": lambda: _cmd_web(args),
         }
         commands[args.command]()
     except CliError as err:

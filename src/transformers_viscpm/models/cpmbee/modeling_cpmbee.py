@@ -164,6 +164,20 @@ def project_to_vocabulary(hidden_states: torch.Tensor, lm_head: nn.Linear) -> to
     return logits.view(*hidden_states.shape[:-1], vocab)
 
 
+def check_labels_follow_answers(labels: torch.Tensor, context: torch.Tensor | None) -> None:
+    """CPM-Bee predicts only from answer (non-context) positions: a context token sees the whole prompt, so a label
+    after one (`labels=input_ids` on a prompt encoding) would train on a leaked target. Encode the answer in `<ans>`
+    instead; the encoding then holds the right `labels`."""
+    if context is None:
+        return
+    prompt = context[:, -labels.shape[1] :][:, :-1].to(labels.device)
+    if bool(((labels[:, 1:] != -100) & prompt).any()):
+        raise ValueError(
+            "labels set after context (prompt) tokens: CPM-Bee only learns answers. Fill the answer into the prompt's "
+            '"<ans>" (e.g. {"input": ..., "<ans>": "the answer"}) and train on the `labels` of that encoding.'
+        )
+
+
 class CpmBeeRMSNorm(nn.Module):
     """RMSNorm whose statistics are computed in fp32 whatever the weight dtype (as the original)."""
 
@@ -644,6 +658,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            check_labels_follow_answers(labels, context)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,

@@ -2,7 +2,8 @@
 
 Sub-commands: `demo` (the whole system on tiny random weights), `convert {cpmbee,chat,paint}` (the
 converters of `transformers_viscpm.conversion`, one implementation), `chat` (interactive multi-turn
-chat with streamed answers) and `paint` (prompt -> PNG). User errors print one line and exit with 2.
+chat with streamed answers), `paint` (prompt -> PNG) and `finetune` (`transformers_viscpm.finetune`;
+options: `viscpm finetune --help`). User errors print one line and exit with 2.
 """
 
 from __future__ import annotations
@@ -169,11 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     paint.add_argument("--width", type=int, default=512)
     paint.add_argument("--device", default="cpu")
     paint.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+
+    sub.add_parser("finetune", help="fine-tune VisCPM-Chat on llava records (options: `viscpm finetune --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["finetune"]:
+        from .finetune import main as finetune_main
+
+        return finetune_main(argv[1:])
     parser = build_parser()
     if argv[:1] == ["convert"] and len(argv) >= 2:
         args, rest = parser.parse_args(argv[:2]), argv[2:]

@@ -101,7 +101,7 @@ def test_finetune_two_processes_agree(tiny_chat, dataset, tmp_path):
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path]),
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
         [*command, str(worker), str(report), *finetune_args(tiny_chat, dataset, out, "--batch-size", "1")],
         env=env, capture_output=True, text=True, timeout=600,

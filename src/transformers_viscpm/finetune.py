@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -194,6 +195,8 @@ def run(argv: Sequence[str] | None = None):
             (folder / "README.md").write_text(_card(args, metrics, adapter), encoding="utf-8")
             (folder / "finetune_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        shutil.rmtree(training_args.output_dir, ignore_errors=True)  # logs only: save_strategy="no"
     return trainer
 
 

@@ -169,6 +169,7 @@ def run(argv: Sequence[str] | None = None):
         deepspeed=args.deepspeed,
         seed=args.seed,
         disable_tqdm=not args.progress,
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU data-parallel (gloo)
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
         dataloader_num_workers=0,
     )

@@ -112,3 +112,38 @@ def test_finetune_two_processes_agree(tiny_chat, dataset, tmp_path):
     base = AutoModelForImageTextToText.from_pretrained(tiny_chat)
     assert ranks[0]["model.mapping.0.weight"] != float(base.model.mapping[0].weight.double().sum())
     assert (out / "model.safetensors").exists()
+
+
+def test_finetune_overfits_four_records(dataset, tmp_path):
+    """The whole path learns: the tiny model fine-tuned on 4 records answers their questions with their answers."""
+    from PIL import Image
+    from test_modeling_viscpm_chat import convert_tiny_chat
+
+    base = convert_tiny_chat(tmp_path)
+    out = tmp_path / "overfit"
+    argv = finetune_args(base, dataset, out, "--batch-size", "4", "--eval-ratio", "0", "--logging-steps", "50")
+    argv[argv.index("--max-steps") + 1], argv[argv.index("--learning-rate") + 1] = "50", "1e-2"
+    assert cli_main(["finetune", *argv, "--lr-scheduler-type", "constant"]) == 0
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    answers = [
+        model.chat(Image.open(dataset / "images" / f"{i}.png"), question, processor=processor, num_beams=1,
+                   max_new_tokens=16)[0]
+        for i, (question, _) in enumerate(QA)
+    ]  # fmt: skip
+    assert sum(answer == expected for answer, (_, expected) in zip(answers, QA)) >= 3, answers
+
+
+def test_readme_finetune_snippet_runs(tmp_path_factory, tmp_path):
+    """README's fine-tuning snippet, as written, by repo id against the offline hub cache; the adapter then loads."""
+    from _repos import hub_cache, offline_env, run_python
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("<!-- finetune-snippet -->\n```python\n", 1)[1].split("```", 1)[0]
+    env = offline_env(hub_cache(tmp_path_factory, remote_code=False), tmp_path / "modules")
+    check = (
+        "\nimport json\n"
+        'loaded = AutoModelForImageTextToText.from_pretrained("viscpm-chat-lora")\n'
+        "print(json.dumps({'adapter': bool(getattr(loaded, '_hf_peft_config_loaded', False))}))\n"
+    )
+    assert run_python(snippet + check, env, tmp_path) == {"adapter": True}

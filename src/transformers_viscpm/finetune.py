@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1, help="records per device and step")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--lr-scheduler-type", default="linear", help="a transformers scheduler name (e.g. constant)")
     parser.add_argument("--max-length", type=int, help="longest round in tokens (a longer one is an error)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -158,6 +159,7 @@ def run(argv: Sequence[str] | None = None):
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         logging_steps=args.logging_steps,

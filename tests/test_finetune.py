@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from _repos import converted_repo
 from test_modeling_viscpm_chat import make_image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -147,3 +148,37 @@ def test_readme_finetune_snippet_runs(tmp_path_factory, tmp_path):
         "print(json.dumps({'adapter': bool(getattr(loaded, '_hf_peft_config_loaded', False))}))\n"
     )
     assert run_python(snippet + check, env, tmp_path) == {"adapter": True}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA (bitsandbytes 4-bit)")
+def test_qlora_trains_on_gpu(tiny_chat):
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from transformers_viscpm.training import VisCPMChatDataCollator
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_chat, quantization_config=quantization, device_map="cuda")
+    model = get_peft_model(prepare_model_for_kbit_training(model), LoraConfig(r=4))
+    records = [
+        {"image": make_image(seed=30, width=64, height=48),
+         "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        for q, a in QA[:2]
+    ]  # fmt: skip
+    batch = VisCPMChatDataCollator(AutoProcessor.from_pretrained(tiny_chat))(records)
+    loss = model(**{k: v.to("cuda") for k, v in batch.items()}).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed ZeRO needs CUDA")
+def test_finetune_deepspeed_zero2_on_gpu(tiny_chat, dataset, tmp_path):
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                                  "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}}))  # fmt: skip
+    out = tmp_path / "ds"
+    assert cli_main(["finetune", *finetune_args(tiny_chat, dataset, out, "--deepspeed", str(config))]) == 0
+    assert isinstance(chats(out, dataset), str)

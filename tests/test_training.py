@@ -21,9 +21,9 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments
 from transformers_viscpm import CpmBeeForCausalLM, VisCPMChatForConditionalGeneration, VisCPMChatProcessor
 from transformers_viscpm.conversion.convert_cpmbee import convert_cpmbee
 from transformers_viscpm.models.cpmbee.encoding_cpmbee import encode_structured
+from transformers_viscpm.models.cpmbee.structure_cpmbee import GENERATION_KEYS
 from transformers_viscpm.synthetic.cpmbee import original_cpmbee_state_dict
 from transformers_viscpm.training import (
-    GENERATION_ONLY_KEYS,
     CpmBeeDataCollator,
     VisCPMChatDataCollator,
     freeze_for_finetuning,
@@ -183,7 +183,7 @@ def test_filled_answer_trains_empty_answer_generates(cpmbee_folder):
 def test_labels_after_the_prompt_raise(cpmbee_folder, cpmbee_model):
     tokenizer = AutoTokenizer.from_pretrained(cpmbee_folder)
     prompt, _ = encode_structured(tokenizer, [{"input": "hi", "<ans>": ""}])
-    inputs = {k: v for k, v in prompt.items() if k not in GENERATION_ONLY_KEYS}
+    inputs = {k: v for k, v in prompt.items() if k not in GENERATION_KEYS}
     with pytest.raises(ValueError, match="CPM-Bee only learns answers"):
         cpmbee_model(**inputs, labels=inputs["input_ids"])
 

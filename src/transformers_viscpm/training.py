@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .models.cpmbee.encoding_cpmbee import encode_structured
+from .models.cpmbee.structure_cpmbee import GENERATION_KEYS
 
 __all__ = [
     "LORA_TARGET_MODULES",
@@ -44,8 +45,6 @@ __all__ = [
     "register_peft_defaults",
 ]
 
-# Encoding outputs that only generation reads (answer placeholders, ext/unk masking); training batches drop them.
-GENERATION_ONLY_KEYS = ("ext_table_mask", "allow_unk", "answer_segment_ids")
 # LoRA's default targets (peft's `target_modules=None`): CPM-Bee's query and value projections, as peft does for
 # llama's `q_proj`/`v_proj`. In VisCPM-Chat they are the language model's; the BEiT-3 projections are `q_proj.A`
 # (image experts), `q_proj.B` (query experts), ... and can be named explicitly.
@@ -100,7 +99,7 @@ def conversation_rounds(record: Mapping[str, Any]) -> list[tuple[str, str, str]]
 
 
 def _training_batch(encoding: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    return {key: value for key, value in encoding.items() if key not in GENERATION_ONLY_KEYS}
+    return {key: value for key, value in encoding.items() if key not in GENERATION_KEYS}
 
 
 @dataclass

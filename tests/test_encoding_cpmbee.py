@@ -227,10 +227,15 @@ _text = st.text(alphabet=st.sampled_from(list("ab <>_x\n 中文🍕😀𠀀")) |
 _leaf_tree = st.recursive(_text, lambda kids: st.dictionaries(_text, kids, min_size=1, max_size=3), max_leaves=6)
 
 
+def _emptied(tree: Any) -> Any:
+    """The answer tree of a generation prompt: every answer leaf empty (filled answers make a training sample)."""
+    return {k: _emptied(v) for k, v in tree.items()} if isinstance(tree, dict) else ""
+
+
 @st.composite
 def _prompts(draw: st.DrawFn) -> dict[str, Any]:
     data = draw(st.dictionaries(_text.filter(lambda k: k not in ("<ans>", "image")), _leaf_tree, max_size=4))
-    data["<ans>"] = draw(_leaf_tree)
+    data["<ans>"] = _emptied(draw(_leaf_tree))
     return data
 
 

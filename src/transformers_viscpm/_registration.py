@@ -13,8 +13,10 @@ def register_all() -> None:
     from .models.cpmbee import register as register_cpmbee
     from .models.viscpm_chat import register as register_chat
     from .pipelines.viscpm_paint import register as register_paint
+    from .training import register_peft_defaults
 
     register_cpmbee()
     register_chat()
     register_paint()
+    register_peft_defaults()
     _DONE = True

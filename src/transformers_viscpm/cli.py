@@ -2,7 +2,8 @@
 
 Sub-commands: `demo` (the whole system on tiny random weights), `convert {cpmbee,chat,paint}` (the
 converters of `transformers_viscpm.conversion`, one implementation), `chat` (interactive multi-turn
-chat with streamed answers) and `paint` (prompt -> PNG). User errors print one line and exit with 2; Ctrl-C
+chat with streamed answers), `paint` (prompt -> PNG), `web` (the gradio demo) and `finetune`
+(`transformers_viscpm.finetune`; options: `viscpm finetune --help`). User errors print one line and exit with 2; Ctrl-C
 prints one line and exits with 130.
 
 torch, transformers and diffusers are imported only inside the commands that need them, after every argument
@@ -347,12 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     web.add_argument("--port", type=int, default=7860)
     web.add_argument("--share", action="store_true", help="also open a public gradio share link")
+
+    sub.add_parser("finetune", help="fine-tune VisCPM-Chat on llava records (options: `viscpm finetune --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["finetune"]:
+            _runtime()
+            from .finetune import main as finetune_main
+
+            return finetune_main(argv[1:])
         parser = build_parser()
         if argv[:1] == ["convert"] and len(argv) >= 2:
             args, rest = parser.parse_args(argv[:2]), argv[2:]

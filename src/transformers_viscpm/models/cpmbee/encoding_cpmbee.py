@@ -35,6 +35,13 @@ This module is the one place of that rule; it reproduces the original VisCPM `_p
   the query's bound.
 - In-context samples keep the order of their answer dicts (the original shuffles them, a training
   augmentation).
+
+A prompt whose answers are all filled in is a *training* sample (the original fine-tuning objective, its
+`convert_data_to_id` + `CPMBeeCollater`): the answers stay in place as `<s> tokens` segments (not context), and
+`labels` (shifted inside the loss, as for every transformers causal LM) hold the target of each position after a
+non-context one: the next token (an ext-table token as `vocab_size + its batch ext index`; a `<s>` as `</s>`), and a
+sample that ends in an answer gets a closing `</s>` token whose label is `</s>`. Empty answers keep the prompt a
+generation prompt; a batch is one or the other.
 """
 
 from __future__ import annotations
@@ -398,6 +405,65 @@ class _Row:
     segment_rel_offset: list[int]
     segment_rel: list[int]
     image_bound: list[tuple[int, int]]
+    # Training rows: per position, the `(id, sub)` of its label (shifted convention) or None.
+    labels: list[tuple[int, int] | None] = field(default_factory=list)
+
+
+def _answer_leaves(value: Any) -> list[Any]:
+    if isinstance(value, Mapping):
+        return [leaf for child in value.values() for leaf in _answer_leaves(child)]
+    return [value]
+
+
+def _is_training_sample(data: Mapping[str, Any]) -> bool:
+    """True when every answer of `data` is filled in, False when every answer is empty (a generation prompt)."""
+    _check_tree(data)  # the first walk of a prompt: refuse cycles and over-deep nesting before recursing
+    if ANSWER_KEY not in data:
+        return False
+    leaves = _answer_leaves(data[ANSWER_KEY])
+    filled = [leaf != "" for leaf in leaves]
+    if any(filled) and not all(filled):
+        raise ValueError(
+            f"Some answers of {data[ANSWER_KEY]!r} are filled and some are empty: fill all of them (a training "
+            "sample) or none (a generation prompt)."
+        )
+    return bool(leaves) and all(filled)
+
+
+def _encode_training_row(
+    data: Mapping[str, Any], tokenizer: CpmBeeTokenizerLike, vocab: _BaseIds, max_length: int | None, markup: bool
+) -> tuple[_Row, _ExtState]:
+    """A prompt with its answers in place, and the label of every position (see the module docstring)."""
+    state = _ExtState()
+    sample = _encode_sample(data, tokenizer, vocab, state, markup)
+    length = len(sample.input_ids)
+    row = _Row(
+        list(sample.input_ids),
+        list(sample.input_id_subs),
+        list(sample.context),
+        [0] * length,
+        [sample.num_segments] * length,
+        list(sample.segment_ids),
+        [0] * length,
+        list(sample.segment_rel),
+        [(begin + 1, end - 1) for begin, end in sample.image_spans],
+        [None] * length,
+    )
+    for j in range(1, length):
+        if not row.context[j - 1]:
+            token = (row.input_ids[j], row.input_id_subs[j])
+            row.labels[j] = (tokenizer.eos_token_id, 0) if token[0] == tokenizer.bos_token_id else token
+    if not row.context[-1]:
+        # The closing `</s>` of the last answer: its own output is never a target.
+        closing = {"input_ids": tokenizer.eos_token_id, "input_id_subs": 0, "context": False}
+        for name in PER_TOKEN_KEYS:  # the rest of the token's structure repeats the last answer token's
+            column = getattr(row, name, None)
+            if column is not None:
+                column.append(closing.get(name, column[-1]))
+        row.labels.append((tokenizer.eos_token_id, 0))
+    if max_length is not None and len(row.input_ids) > max_length:
+        raise ValueError(f"A training sample has {len(row.input_ids)} tokens, more than max_length={max_length}.")
+    return row, state
 
 
 def _encode_row(
@@ -411,7 +477,6 @@ def _encode_row(
     """The original `_convert_to_tensors`: the query without its answer tokens, then the in-context samples."""
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-    _check_tree(data)  # before `_with_placeholders` walks the answer tree
     query, placeholders = _with_placeholders(data)
     state = _ExtState()
     sample = _encode_sample(query, tokenizer, vocab, state, markup)
@@ -482,11 +547,13 @@ def encode_structured(
     Args:
         tokenizer: a `CpmBeeTokenizer` (anything with what `CpmBeeTokenizerLike` lists).
         data_list: one prompt dict per row; each needs a top-level `"<ans>"` (a string or a nested dict of
-            strings whose leaves are the answers to generate).
+            strings whose leaves are the answers to generate). Rows whose answers are all filled in are training
+            samples: the encoding then also holds `labels` (module docstring).
         in_context_samples: solved examples (their `"<ans>"` values filled in) appended to every row as
             samples 1, 2, ...; they share the row's ext table.
         max_length: keep only the first `max_length` tokens of each query before its answer tokens are
-            removed (the original `max_inp_length`); in-context samples are not cut.
+            removed (the original `max_inp_length`); in-context samples are not cut. A longer training sample
+            raises.
         return_tensors: `"pt"`, `"np"` or None (lists).
         markup: treat every key and value as CPM-Bee markup (the original's behaviour) instead of text.
 
@@ -500,8 +567,20 @@ def encode_structured(
     rows: list[_Row] = []
     infos: list[CpmBeeSampleInfo] = []
     batch_ext: dict[tuple[int, int], int] = {}
+    training = [_is_training_sample(data) for data in data_list]
+    if any(training) and not all(training):
+        raise ValueError("A batch mixes training samples (answers filled in) and generation prompts (empty answers).")
+    training = all(training)
+    if training and samples:
+        raise ValueError("in_context_samples are for generation prompts, not for training samples.")
     for data in data_list:
-        row, predict_segments, placeholders, state = _encode_row(data, samples, tokenizer, vocab, max_length, markup)
+        if training:
+            row, state = _encode_training_row(data, tokenizer, vocab, max_length, markup)
+            predict_segments, placeholders = [], []
+        else:
+            row, predict_segments, placeholders, state = _encode_row(
+                data, samples, tokenizer, vocab, max_length, markup
+            )
         output_table: dict[int, str] = {}
         for name, subs in state.sub_ids.items():
             if name == ANSWER_KEY:
@@ -515,6 +594,9 @@ def encode_structured(
         rows.append(row)
         infos.append(CpmBeeSampleInfo(predict_segments, placeholders, output_table))
 
+    if training and not batch_ext:
+        # The original collator's placeholder entry for an empty ext table: its logit is part of the softmax.
+        batch_ext[(tokenizer.pad_token_id, 1)] = tokenizer.vocab_size
     batch_size = len(rows)
     length = max(len(row.input_ids) for row in rows)
     rel_length = max(len(row.segment_rel) for row in rows)
@@ -537,6 +619,8 @@ def encode_structured(
     arrays["answer_segment_ids"] = np.full((batch_size, max_answers), -1, dtype=np.int64)
     if any(IMAGE_KEY in data for data in data_list):
         arrays["image_bound"] = np.zeros((batch_size, max_images, 2), dtype=np.int64)
+    if training:
+        arrays["labels"] = np.full((batch_size, length), -100, dtype=np.int64)
 
     for b, (row, info) in enumerate(zip(rows, infos)):
         n = len(row.input_ids)
@@ -553,6 +637,10 @@ def encode_structured(
         arrays["answer_segment_ids"][b, : len(info.predict_segments)] = [seg for seg, _ in info.predict_segments]
         if "image_bound" in arrays and row.image_bound:
             arrays["image_bound"][b, : len(row.image_bound)] = np.array(row.image_bound) + pad
+        for j, label in enumerate(row.labels):
+            if label is not None:
+                token_id, sub = label
+                arrays["labels"][b, pad + j] = batch_ext[label] if sub else token_id
 
     data = {name: array.tolist() for name, array in arrays.items()} if return_tensors is None else arrays
     encoding = CpmBeeBatchEncoding(

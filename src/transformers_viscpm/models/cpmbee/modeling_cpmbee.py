@@ -184,6 +184,20 @@ def project_to_vocabulary(hidden_states: torch.Tensor, lm_head: nn.Linear) -> to
     return logits.view(*hidden_states.shape[:-1], vocab)
 
 
+def check_labels_follow_answers(labels: torch.Tensor, context: torch.Tensor | None) -> None:
+    """CPM-Bee predicts only from answer (non-context) positions: a context token sees the whole prompt, so a label
+    after one (`labels=input_ids` on a prompt encoding) would train on a leaked target. Encode the answer in `<ans>`
+    instead; the encoding then holds the right `labels`."""
+    if context is None:
+        return
+    prompt = context[:, -labels.shape[1] :][:, :-1].to(labels.device)
+    if bool(((labels[:, 1:] != -100) & prompt).any()):
+        raise ValueError(
+            "labels set after context (prompt) tokens: CPM-Bee only learns answers. Fill the answer into the prompt's "
+            '"<ans>" (e.g. {"input": ..., "<ans>": "the answer"}) and train on the `labels` of that encoding.'
+        )
+
+
 class CpmBeeRMSNorm(nn.Module):
     """RMSNorm whose statistics are computed in fp32 whatever the weight dtype (as the original)."""
 
@@ -647,6 +661,7 @@ def cpmbee_logits_and_loss(
     logits = cpmbee_logits(model, hidden_states, logits_to_keep, **ext_table)
     if labels is None:
         return logits, None
+    check_labels_follow_answers(labels, loss_kwargs.get("context"))
     return logits, model.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
 
 

@@ -24,7 +24,6 @@ from transformers_viscpm.models.cpmbee.modeling_cpmbee import (
     CpmBeeAttention,
     CpmBeeForCausalLM,
     cpmbee_attention_layout,
-    project_to_vocabulary,
 )
 from transformers_viscpm.synthetic.cpmbee import original_cpmbee_state_dict, tiny_cpmbee_config
 
@@ -233,35 +232,6 @@ def test_single_low_precision_query_takes_the_eager_maths_under_sdpa():
         with torch.no_grad():
             outputs[implementation], _ = attention(hidden, bias, None, cache=cache)
     assert torch.equal(outputs["sdpa"], outputs["eager"])
-
-
-@pytest.mark.parametrize(
-    ("shape", "dtype"),
-    [
-        ((1, 1), torch.float32),
-        ((3, 1), torch.float32),
-        ((2, 3), torch.float32),
-        ((5, 13), torch.float32),
-        ((3, 1), torch.bfloat16),
-    ],
-)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_vocabulary_projection_equals_the_linear_layer(shape, dtype, threads):
-    """The fp32 CPU route (batched matmul over vocabulary blocks) computes `lm_head(x)`; others are `lm_head(x)`."""
-    lm_head = torch.nn.Linear(48, 1001, bias=False).to(dtype)  # a vocabulary the blocks do not divide
-    hidden = torch.randn(*shape, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            logits, expected = project_to_vocabulary(hidden, lm_head), lm_head(hidden)
-    finally:
-        torch.set_num_threads(previous)
-    assert logits.shape == (*shape, 1001)
-    if dtype == torch.float32:
-        torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
-    else:
-        assert torch.equal(logits, expected)
 
 
 def test_eager_and_sdpa_agree_on_incremental_steps():

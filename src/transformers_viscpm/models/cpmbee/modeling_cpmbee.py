@@ -131,39 +131,6 @@ def cpmbee_attention_layout(
     return buckets, mask, query_valid
 
 
-def project_to_vocabulary(hidden_states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-    """`lm_head(hidden_states)`, by a faster route for a few rows in fp32 on CPU.
-
-    There `F.linear` reaches MKL's GEMV for `x @ W.T`, which streams the `(vocab, dim)` matrix at a third of the
-    memory bandwidth and costs each extra row (beam) as much again: 11 ms per row for 86,583 x 512 on 2 cores, two
-    thirds of an fp32 decoding step. The same products as one batched matmul over vocabulary blocks,
-    `bmm(W_blocks, x.T)`, read `W` once at full speed: 2.4x for one row, 5.5x for three (see
-    `benchmarks/bench_cpmbee.py`). Other devices, dtypes, many rows or a wrapped `lm_head` keep `F.linear`.
-    """
-    weight = lm_head.weight
-    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-    plain = (
-        hidden_states.device.type != "cpu"
-        or weight.device.type != "cpu"
-        or weight.dtype != torch.float32
-        or hidden_states.dtype != torch.float32
-        or rows.shape[0] > 64
-        or type(lm_head) is not nn.Linear
-        or lm_head._forward_hooks
-        or lm_head._forward_pre_hooks
-        or hasattr(lm_head, "_hf_hook")
-    )
-    if plain:
-        return lm_head(hidden_states)
-    num_blocks = max(2, torch.get_num_threads())
-    vocab, dim = weight.shape
-    blocked = vocab - vocab % num_blocks
-    blocks = weight[:blocked].view(num_blocks, -1, dim)
-    logits = torch.bmm(blocks, rows.t().expand(num_blocks, dim, rows.shape[0]))  # (blocks, vocab / blocks, rows)
-    logits = torch.cat([logits.permute(2, 0, 1).reshape(rows.shape[0], blocked), F.linear(rows, weight[blocked:])], 1)
-    return logits.view(*hidden_states.shape[:-1], vocab)
-
-
 class CpmBeeRMSNorm(nn.Module):
     """RMSNorm whose statistics are computed in fp32 whatever the weight dtype (as the original)."""
 
@@ -631,7 +598,7 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = project_to_vocabulary(hidden_states / math.sqrt(self.config.dim_model), self.lm_head)
+        logits = self.lm_head(hidden_states / math.sqrt(self.config.dim_model))
         if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
             ext_embeds = self.cpmbee.embed_input_ids(ext_table_ids, ext_table_sub)
             if hidden_states.dim() == 2:

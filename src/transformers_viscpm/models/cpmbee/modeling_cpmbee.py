@@ -215,7 +215,8 @@ class CpmBeeAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length = hidden_states.shape[:2]
         in_scale = math.sqrt(self.config.dim_model)
-        hidden_shape = (batch, length, self.num_heads, self.head_dim)
+        # `-1` heads: under tensor parallelism the projections hold only this rank's heads.
+        hidden_shape = (batch, length, -1, self.head_dim)
         query_states = self.project_q(hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
         key_states = self.project_k(hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
         value_states = self.project_v(hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
@@ -245,7 +246,7 @@ class CpmBeeAttention(nn.Module):
             if attn_weights is not None:
                 attn_weights = attn_weights.masked_fill(padding_queries[:, None, :, None], 0.0)
         attn_output = attn_output.reshape(batch, length, -1)
-        attn_output = self.attention_out(attn_output).div_(math.sqrt(attn_output.shape[-1]))
+        attn_output = self.attention_out(attn_output).div_(math.sqrt(self.num_heads * self.head_dim))
         return attn_output, attn_weights
 
 
@@ -292,8 +293,9 @@ class CpmBeeFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = F.dropout(self.w_in(hidden_states), p=self.dropout_p, training=self.training)
-        # The output projection scales its input, not its output (the original's `scale_before=True`).
-        return self.w_out(hidden_states / math.sqrt(hidden_states.shape[-1]))
+        # The output projection scales its input, not its output (the original's `scale_before=True`), by its full
+        # fan-in (a tensor-parallel rank holds a slice of it).
+        return self.w_out(hidden_states / math.sqrt(self.w_out.in_features))
 
 
 class CpmBeeFFNBlock(nn.Module):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 from transformers import (
     CompileConfig,
     DynamicCache,
@@ -205,15 +207,13 @@ def test_too_small_static_cache_is_one_clear_error():
         fixture_model("small")(**fixture_inputs(fixture), cache=cache, use_cache=True)
 
 
-def test_static_cache_is_not_compiled_unless_asked(monkeypatch):
-    """On a GPU, stock `generate` compiles the forward whenever the cache is static; CPM-Bee's growing step inputs
-    would recompile it every step, so only an explicit `compile_config` compiles."""
+def test_static_cache_is_compiled_automatically_on_accelerators(monkeypatch):
+    """Decoding steps on a static cache have fixed shapes, so stock `generate` may compile them on a GPU."""
     model = fixture_model("small")
     monkeypatch.setattr(CpmBeeForCausalLM, "device", property(lambda self: torch.device("cuda")))
-    kwargs = {"cache": StaticCache(config=model.config, max_cache_len=8)}
-    assert not model._valid_auto_compile_criteria(kwargs, GenerationConfig(cache_implementation="static"))
-    explicit = GenerationConfig(cache_implementation="static", compile_config=CompileConfig())
-    assert model._valid_auto_compile_criteria(kwargs, explicit)
+    static = {"cache": StaticCache(config=model.config, max_cache_len=8)}
+    assert model._valid_auto_compile_criteria(static, GenerationConfig(cache_implementation="static"))
+    assert not model._valid_auto_compile_criteria({"cache": DynamicCache()}, GenerationConfig())
 
 
 def test_single_low_precision_query_takes_the_eager_maths_under_sdpa():
@@ -450,3 +450,51 @@ def test_config_from_original_file_and_aliases():
         CpmBeeConfig.from_original_config({"dim_model": 8, "bogus": 1})
     with pytest.raises(Exception, match="mask_modules"):
         CpmBeeConfig(num_layers=2, mask_modules=[[False, False]])
+
+
+COMPILED_STEPS = 20
+
+
+def static_greedy_decode(model: CpmBeeForCausalLM, forward, fixture: dict) -> torch.Tensor:
+    """Prefill and `COMPILED_STEPS` greedy steps on a static cache, each step's inputs from
+    `prepare_inputs_for_generation` (the fixed-shape per-slot structure) and run by `forward`."""
+    inputs = {**fixture_inputs(fixture), "answer_segment_ids": answer_segment_ids(fixture)}
+    ids = inputs.pop("input_ids")
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + COMPILED_STEPS + 2)
+    for step in range(COMPILED_STEPS + 1):
+        step_inputs = model.prepare_inputs_for_generation(ids, cache=cache, is_first_iteration=step == 0, **inputs)
+        with torch.no_grad():
+            logits = forward(**step_inputs).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_fullgraph_compile_builds_prefill_and_decoding_once():
+    """`torch.compile(fullgraph=True)`: no graph break, one graph for the prefill and one for all 20 decoding steps
+    (their inputs have the same shapes), and the tokens of the eager model."""
+    fixture = load_fixture("small")
+    model = build_model(fixture["original_config"], fixture["seed"])
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = static_greedy_decode(model, torch.compile(model, fullgraph=True, backend=counter), fixture)
+    assert counter.frame_count <= 2
+    eager = static_greedy_decode(model, model, fixture)
+    assert torch.equal(compiled, eager)
+    assert len(set(eager[0, -COMPILED_STEPS:].tolist())) > 1, "the decoded tokens vary"
+
+
+def test_generate_compiles_static_cache_decoding():
+    """`generate(cache_implementation="static", compile_config=...)` compiles the decoding step once (full graph) and
+    returns the tokens of eager decoding."""
+    fixture = load_fixture("small")
+    model = build_model(fixture["original_config"], fixture["seed"])
+    model.generation_config.eos_token_id = None
+    inputs = {**fixture_inputs(fixture), "answer_segment_ids": answer_segment_ids(fixture)}
+    settings = {"max_new_tokens": COMPILED_STEPS, "do_sample": False, "pad_token_id": 0}
+    compile_config = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told otherwise
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(**inputs, **settings, cache_implementation="static", compile_config=compile_config)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
+    assert torch.equal(compiled, model.generate(**inputs, **settings))

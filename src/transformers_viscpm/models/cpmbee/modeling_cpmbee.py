@@ -82,11 +82,14 @@ def cpmbee_attention_layout(
     query_length: int,
     num_buckets: int,
     max_distance: int,
+    query_start: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one home of CPM-Bee's attention masks and position buckets.
 
     Every per-token tensor is `(batch, K)` over all the tokens attention can see (cached ones first); the queries
-    are the last `query_length` of them. Returns `(buckets, mask, query_valid)`:
+    are the `query_length` tokens from `query_start` on (default: the last ones). `query_start` may be a 0-d tensor
+    (a static cache's length: every slot is a key, and no host synchronisation is needed to find the queries).
+    Returns `(buckets, mask, query_valid)`:
 
     - `buckets` `(batch, q, K)`: rows of the position-bias table. Inside one segment of one sample, the bidirectional
       relative-position bucket of `position_k - position_q`; across segments, `num_buckets + rel - 1` where `rel` is
@@ -100,7 +103,12 @@ def cpmbee_attention_layout(
     """
     batch, total_length = position_ids.shape
     device = position_ids.device
-    query = slice(total_length - query_length, total_length)
+    if query_start is None:
+        query_start = total_length - query_length
+    if isinstance(query_start, int):
+        query = slice(query_start, query_start + query_length)
+    else:
+        query = query_start + torch.arange(query_length, device=device)
 
     def as_query(tensor: torch.Tensor) -> torch.Tensor:
         return tensor[:, query, None]
@@ -369,6 +377,8 @@ class CpmBeePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+    # Decoding steps on a static cache have fixed shapes, no host synchronisation and no data-dependent branch.
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": CpmBeeTransformerBlock,
         "attentions": CpmBeeAttention,
@@ -410,8 +420,10 @@ class CpmBeeModel(CpmBeePreTrainedModel):
     def embed_input_ids(self, input_ids: torch.Tensor, input_id_subs: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings as the layers consume them: `E[id] / sqrt(dim)`, rotated by the sub-id."""
         embeds = self.input_embedding(input_ids) / math.sqrt(self.config.dim_model)
-        if input_id_subs is None or not bool(input_id_subs.any()):
-            return embeds  # rotating by 0 is the identity
+        if input_id_subs is None:
+            return embeds
+        # Rotating by a zero sub-id is exactly the identity (cos 0 = 1, sin 0 = 0): no data-dependent skip, which
+        # would synchronise with the device and break a compiled graph.
         return rotate_by_sub_ids(embeds, input_id_subs)
 
     def attention_bias(
@@ -426,12 +438,11 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         segment_rel: torch.Tensor,
         key_valid: torch.Tensor,
         dtype: torch.dtype,
-        key_length: int,
+        query_start: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float `(B, heads, q, key_length)` attention bias (position bias, masked entries at the dtype minimum) and
-        the `(B, q)` valid-query mask. Rows of padding queries are left unmasked so that no softmax sees an all-masked
-        row; their outputs are zeroed instead. Keys past the `K` real tokens (the unused slots a static cache hands
-        attention) are masked for every query."""
+        """Float `(B, heads, q, K)` attention bias (position bias, masked entries at the dtype minimum) and the
+        `(B, q)` valid-query mask. Rows of padding queries are left unmasked so that no softmax sees an all-masked
+        row; their outputs are zeroed instead. Unused slots of a static cache are keys with `key_valid` False."""
         buckets, mask, query_valid = cpmbee_attention_layout(
             position_ids,
             context,
@@ -444,12 +455,12 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             query_length,
             self.config.position_bias_num_buckets,
             self.config.position_bias_max_distance,
+            query_start,
         )
         bias = self.position_bias(buckets).to(dtype)
-        bias = bias.masked_fill_((~mask & query_valid[:, :, None])[:, None], torch.finfo(dtype).min)
-        if key_length > bias.shape[-1]:
-            bias = F.pad(bias, (0, key_length - bias.shape[-1]), value=torch.finfo(dtype).min)
-        return bias.contiguous(), query_valid
+        masked = (~mask & query_valid[:, :, None])[:, None]
+        # Out of place: the bias is a transposed view, which an in-place fill would have to write through.
+        return torch.where(masked, torch.finfo(dtype).min, bias).contiguous(), query_valid
 
     @merge_with_config_defaults
     @capture_outputs
@@ -478,16 +489,12 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             cache = DynamicCache(config=self.config)
 
         batch, query_length = inputs_embeds.shape[:2]
-        # `int`: a static cache counts its tokens in a tensor.
-        total_length = query_length + (int(cache.get_seq_length()) if cache is not None else 0)
-        # A static cache hands attention all its `max_cache_len` slots (the bias masks the unused ones).
-        key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else total_length
-        if key_length < total_length:
-            raise ValueError(
-                f"The cache holds {key_length} tokens, but this step needs {total_length} ({total_length - query_length}"
-                f" cached + {query_length} new): use a larger `max_cache_len`."
-            )
         device = inputs_embeds.device
+        # A static cache counts its tokens in a 0-d tensor, used as one: no host synchronisation.
+        past_length = cache.get_seq_length() if cache is not None else 0
+        total_length = past_length + query_length
+        # Keys: a dynamic cache's cached and current tokens; every `max_cache_len` slot of a static one.
+        key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else query_length
         per_token = {
             "position_ids": position_ids,
             "context": context,
@@ -497,37 +504,59 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             "segment_rel_offset": segment_rel_offset,
             "attention_mask": attention_mask,
         }
-        for name, tensor in per_token.items():
-            if tensor is not None and tuple(tensor.shape) != (batch, total_length):
+        shapes = {name: tuple(tensor.shape) for name, tensor in per_token.items() if tensor is not None}
+        width = next(iter(shapes.values()))[-1] if shapes else key_length
+        needed = width if shapes else total_length
+        if isinstance(needed, int) and needed > key_length:
+            raise ValueError(
+                f"The cache holds {key_length} tokens, but this step needs {needed} ({needed - query_length} cached + "
+                f"{query_length} new): use a larger `max_cache_len`."
+            )
+        # The tokens so far, or (static cache, fixed shapes for a compiled step) one entry per cache slot.
+        expected = width if width == key_length or not isinstance(total_length, int) else total_length
+        for name, shape in shapes.items():
+            if shape != (batch, expected):
                 raise ValueError(
-                    f"`{name}` must cover the cached and the current tokens: expected shape {(batch, total_length)}, "
-                    f"got {tuple(tensor.shape)}."
+                    f"`{name}` must cover the cached and the current tokens (or every slot of a static cache): "
+                    f"expected shape {(batch, expected)}, got {shape}."
                 )
 
-        key_valid = torch.ones(batch, total_length, dtype=torch.bool, device=device)
+        def as_slots(tensor: torch.Tensor) -> torch.Tensor:
+            """Per-token structure over all `key_length` keys (the unused static-cache slots zero)."""
+            return F.pad(tensor, (0, key_length - width)) if width < key_length else tensor
+
+        if isinstance(total_length, int) and total_length == key_length:
+            key_valid = torch.ones(batch, key_length, dtype=torch.bool, device=device)
+        else:
+            key_valid = (torch.arange(key_length, device=device) < total_length).expand(batch, key_length)
         if attention_mask is not None:
-            key_valid = key_valid & (attention_mask != 0)
+            key_valid = key_valid & (as_slots(attention_mask) != 0)
         if num_segments is not None:
-            key_valid = key_valid & (num_segments != 0)
+            key_valid = key_valid & (as_slots(num_segments) != 0)
         if position_ids is None:
             position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
-        zeros = torch.zeros(batch, total_length, dtype=torch.long, device=device)
+        else:
+            position_ids = as_slots(position_ids)
+        zeros = torch.zeros(batch, key_length, dtype=torch.long, device=device)
+
+        def given_or(tensor: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+            return as_slots(tensor) if tensor is not None else default
+
         attention_bias, query_valid = self.attention_bias(
             query_length,
             position_ids,
-            context if context is not None else zeros.bool(),
-            sample_ids if sample_ids is not None else zeros,
-            segment_ids if segment_ids is not None else zeros,
-            num_segments if num_segments is not None else key_valid.long(),
-            segment_rel_offset if segment_rel_offset is not None else zeros,
+            given_or(context, zeros.bool()),
+            given_or(sample_ids, zeros),
+            given_or(segment_ids, zeros),
+            given_or(num_segments, key_valid.long()),
+            given_or(segment_rel_offset, zeros),
             segment_rel if segment_rel is not None else zeros[:, :1],
             key_valid,
             inputs_embeds.dtype,
-            key_length,
+            past_length,
         )
-        # `None` when every query is a real token (always while decoding): the layers then skip the zeroing.
-        padding_queries = None if bool(query_valid.all()) else ~query_valid
-        hidden_states = self.encoder(inputs_embeds, attention_bias, padding_queries, cache=cache, **kwargs)
+        # Zeroing the padding queries' outputs is branch-free: no host synchronisation on whether there are any.
+        hidden_states = self.encoder(inputs_embeds, attention_bias, ~query_valid, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
@@ -698,11 +727,16 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         device = input_ids.device
         prompt_length = position_ids.shape[-1]
         num_prefix = 0 if answer_segment_ids is None else 1
-        past_length = int(cache.get_seq_length()) if cache is not None else 0
-        if past_length > 0:
-            steps = past_length - prompt_length - num_prefix + 1
+        steps = max(input_ids.shape[1] - prompt_length, 0)
+        if cache is None:
+            past_length = 0
+        elif is_first_iteration:
+            past_length = int(cache.get_seq_length())  # a cache passed in may already hold tokens
+            if past_length > 0:
+                steps = past_length - prompt_length - num_prefix + 1
         else:
-            steps = max(input_ids.shape[1] - prompt_length, 0)
+            # A decoding step: everything but the newest token is cached (read from the shapes, not the device).
+            past_length = prompt_length + num_prefix + steps - 1
         generated = input_ids[:, input_ids.shape[1] - steps :]
 
         def prompt_or(tensor: torch.Tensor | None, fill) -> torch.Tensor:
@@ -735,6 +769,12 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             "segment_rel_offset": repeat_last(prompt_offsets),
             "attention_mask": extend(prompt_or(attention_mask, 1), torch.ones_like(fed_ids)),
         }
+        slots = cache.get_max_length() if cache is not None else -1
+        if slots > prompt_length + fed_length:
+            # A static cache: one entry per slot (the unused ones are padding), so that every decoding step has the
+            # same input shapes and a compiled forward is built once.
+            padding = slots - prompt_length - fed_length
+            structure = {key: extend(value, value.new_zeros(batch, padding)) for key, value in structure.items()}
         query_length = prompt_length + fed_length - past_length
         prompt_part = max(query_length - fed_length, 0)
         fed_part = slice(fed_length - (query_length - prompt_part), fed_length)
@@ -782,14 +822,6 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
-
-    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
-        """No automatic `torch.compile` when a static cache is used on a GPU: a step's inputs describe every token
-        seen so far (`(B, K)` structure tensors, one longer each step), so the compiled forward would be rebuilt at
-        every step (tens of seconds for a few tokens on an H100). An explicit `compile_config` is honoured."""
-        if generation_config.compile_config is None:
-            return False
-        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def _get_logits_processor(self, generation_config, *args, model_kwargs=None, **kwargs):
         """Stock processors, preceded by the original's per-sample `<unk>`/ext-table mask when the prompt has it."""

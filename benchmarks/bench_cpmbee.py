@@ -301,8 +301,13 @@ def run_ours(steps: int, compiled: bool) -> dict[str, float]:
 
 
 def best(results: list[dict[str, float]]) -> dict[str, float]:
-    """Per measure, the best round: the machine is shared, so slower rounds measure other people's load."""
-    return {key: (min if key.endswith("_s") else max)(r[key] for r in results if key in r) for key in results[0]}
+    """Per measure, the best round: the machine is shared, so slower rounds measure other people's load. Times
+    (`*_s`) are best lowest, speeds (`*_tok_s`) highest."""
+
+    def lowest_is_best(key: str) -> bool:
+        return key.endswith("_s") and not key.endswith("_tok_s")
+
+    return {key: (min if lowest_is_best(key) else max)(r[key] for r in results if key in r) for key in results[0]}
 
 
 def spread(results: list[dict[str, float]], key: str | None) -> str:

@@ -498,3 +498,25 @@ def test_generate_compiles_static_cache_decoding():
     compiled = model.generate(**inputs, **settings, cache_implementation="static", compile_config=compile_config)
     assert 1 <= counters["stats"]["unique_graphs"] <= 2
     assert torch.equal(compiled, model.generate(**inputs, **settings))
+
+
+def test_inductor_compiled_static_decoding_matches_eager():
+    """The one inductor test (it compiles C++ kernels): a 1-layer CPM-Bee, decoding through `generate` on a static
+    cache with the step compiled by the default backend, gives the tokens of eager decoding."""
+    config = CpmBeeConfig(
+        vocab_size=256, dim_model=32, dim_ff=64, num_layers=1, num_heads=2, dim_head=16, eos_token_id=None
+    )
+    config.position_bias_num_buckets = config.position_bias_num_segment_buckets = 16
+    config.position_bias_max_distance = 64
+    torch.manual_seed(0)
+    model = CpmBeeForCausalLM(config).eval()
+    input_ids = torch.randint(10, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=None)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(input_ids, **settings, cache_implementation="static", compile_config=compile_config)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled, model.generate(input_ids, **settings))
+    assert len(set(compiled[0, 12:].tolist())) > 1

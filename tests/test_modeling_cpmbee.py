@@ -23,9 +23,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from transformers_viscpm.models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from transformers_viscpm.models.cpmbee.modeling_cpmbee import (
+    _BLOCKED_IS_FASTER,
     CpmBeeAttention,
     CpmBeeForCausalLM,
     cpmbee_attention_layout,
+    project_to_vocabulary,
 )
 from transformers_viscpm.synthetic.cpmbee import original_cpmbee_state_dict, tiny_cpmbee_config
 
@@ -232,6 +234,26 @@ def test_single_low_precision_query_takes_the_eager_maths_under_sdpa():
         with torch.no_grad():
             outputs[implementation], _ = attention(hidden, bias, None, cache=cache)
     assert torch.equal(outputs["sdpa"], outputs["eager"])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 3), (4, 13)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_vocabulary_projection_is_the_linear_layer_by_either_route(shape, threads, monkeypatch):
+    """The measured choice is recorded once per (rows, shape, threads); both routes compute `lm_head(x)`."""
+    lm_head = torch.nn.Linear(48, 1001, bias=False)  # a vocabulary the blocks do not divide
+    hidden = torch.randn(*shape, 48, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    key = (shape[0] * shape[1], 1001, 48, threads)
+    with torch.no_grad():
+        expected = lm_head(hidden)
+        _BLOCKED_IS_FASTER.pop(key, None)
+        project_to_vocabulary(hidden, lm_head)
+        assert key in _BLOCKED_IS_FASTER
+        for blocked_is_faster in (True, False):
+            monkeypatch.setitem(_BLOCKED_IS_FASTER, key, blocked_is_faster)
+            torch.testing.assert_close(project_to_vocabulary(hidden, lm_head), expected, atol=1e-6, rtol=1e-6)
+    # With autograd on (training), only the linear layer runs.
+    assert torch.equal(project_to_vocabulary(hidden, lm_head), lm_head(hidden))
 
 
 def test_eager_and_sdpa_agree_on_incremental_steps():

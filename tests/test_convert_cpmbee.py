@@ -79,7 +79,7 @@ def test_end_to_end_sharded_bf16(original: tuple[Path, Path, dict], tmp_path: Pa
 
     generation = GenerationConfig.from_pretrained(out)
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (6, 7, 0)
-    assert generation.num_beams == 3
+    assert generation.num_beams in (None, 1) and generation.cpmbee_beam_search["num_beams"] == 3
     tokenizer = CpmBeeTokenizer.from_pretrained(out)
     assert tokenizer.vocab_size == 86583 and tokenizer.convert_tokens_to_ids("<ans>") == 9
     card = (out / "README.md").read_text()

@@ -68,13 +68,16 @@ def test_output_folder(checkpoint, state_dict, tmp_path):
     assert config["model_type"] == "viscpm_chat" and config["query_num"] == 64
     assert config["text_config"]["dim_model"] == 64 and config["vision_config"]["hidden_size"] == 64
     generation = json.loads((out / "generation_config.json").read_text())
-    assert {k: generation[k] for k in ("num_beams", "max_new_tokens", "repetition_penalty", "length_penalty")} == {
+    # chat() decodes with the original's settings, kept in their own field; plain generate() stays greedy.
+    assert generation["cpmbee_beam_search"] == {
         "num_beams": 3,
         "max_new_tokens": 512,
         "repetition_penalty": 1.1,
+        "repetition_window": None,
         "length_penalty": 3.0,
+        "temperature": 0.7,
     }
-    assert generation["beam_temperature"] == 0.7 and generation["do_sample"] is False
+    assert not {"num_beams", "max_new_tokens", "temperature", "do_sample"} & set(generation)
 
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "VisCPM-Chat (balance)" in card and "pipeline_tag: image-text-to-text" in card
@@ -86,9 +89,7 @@ def test_output_folder(checkpoint, state_dict, tmp_path):
         saved["model.vision_model.encoder.layers.1.ffn.B.fc2.weight"],
         state_dict["vpm.beit3.encoder.layers.1.ffn.B.fc2.weight"],
     )
-    assert torch.equal(
-        saved["model.language_model.cpmbee.input_embedding.weight"], state_dict["llm.input_embedding.weight"]
-    )
+    assert torch.equal(saved["model.language_model.input_embedding.weight"], state_dict["llm.input_embedding.weight"])
     assert not any("lm_head" in name for name in saved)
     assert len(saved) == len(state_dict) - len(DROPPED)
 
@@ -103,7 +104,7 @@ def test_key_table_drops_exactly_the_unused_tensors(state_dict):
     assert sorted(mapping.dropped) == DROPPED
     assert mapping.unexpected == []
     assert mapping.target_to_source["model.mapping.0.weight"] == "mapping.0.weight"
-    assert mapping.target_to_source["model.language_model.cpmbee.encoder.output_layernorm.weight"] == (
+    assert mapping.target_to_source["model.language_model.encoder.output_layernorm.weight"] == (
         "llm.encoder.output_layernorm.weight"
     )
 

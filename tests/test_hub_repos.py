@@ -64,7 +64,7 @@ def test_load_by_repo_id_with_the_plugin(tmp_path_factory: pytest.TempPathFactor
         "chat": [
             "VisCPMChatConfig",
             "CpmBeeTokenizer",
-            "VisCPMChatModel",
+            "VisCPMChatForConditionalGeneration",
             "VisCPMChatForConditionalGeneration",
             "VisCPMChatProcessor",
             "VisCPMChatImageProcessor",

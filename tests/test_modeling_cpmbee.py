@@ -232,7 +232,7 @@ def test_single_low_precision_query_takes_the_eager_maths_under_sdpa():
         hidden = torch.randn(1, 1, 64, generator=generator).to(torch.bfloat16)
         bias = torch.randn(1, 2, 1, 38, generator=generator).to(torch.bfloat16)
         with torch.no_grad():
-            outputs[implementation], _ = attention(hidden, bias, None, cache=cache)
+            outputs[implementation], _ = attention(hidden, bias, torch.ones(1, 1, dtype=torch.bool), cache=cache)
     assert torch.equal(outputs["sdpa"], outputs["eager"])
 
 
@@ -383,7 +383,17 @@ def test_attention_layout_rules():
     segment_rel = torch.tensor([[0, 0, 0, 0, 0, 7, 0, 5, 0, 0]])
     valid = num_segments != 0
     buckets, mask, query_valid = cpmbee_attention_layout(
-        position, context, sample, segment, num_segments, offset, segment_rel, valid, 6, 32, 128
+        valid,
+        6,
+        32,
+        128,
+        position_ids=position,
+        context=context,
+        sample_ids=sample,
+        segment_ids=segment,
+        num_segments=num_segments,
+        segment_rel_offset=offset,
+        segment_rel=segment_rel,
     )
     assert query_valid.tolist() == [[False, True, True, True, True, True]]
     assert not mask[0, 0].any()  # padding query

@@ -124,7 +124,7 @@ def test_image_features_go_to_image_bound_not_unk_ids(model, image):
     start, end = inputs["image_bound"][0, 0].tolist()
     changed = (embeds != plain).any(-1)[0]
     assert changed.nonzero().flatten().tolist() == list(range(start, end))
-    assert torch.equal(embeds[0, start:end], features[0])
+    assert torch.equal(embeds[0, start:end], features.pooler_output[0])
 
 
 def _settings(turn: dict) -> dict:
@@ -150,7 +150,7 @@ def test_chat_matches_original(model, image, name):
             embeds, _ = model.model.get_inputs_embeds(
                 inputs["input_ids"], inputs["input_id_subs"], inputs["image_bound"], inputs.pop("pixel_values")
             )
-        result = cpmbee_beam_search(model.model.language_model, inputs, infos, inputs_embeds=embeds, **_settings(turn))
+        result = cpmbee_beam_search(model, inputs, infos, inputs_embeds=embeds, **_settings(turn))
         assert [list(pair) for pair in result[0]] == turn["result_ids"]
         assert {str(k): v for k, v in infos[0].ext_table.items()} == turn["ext_table"]
 
@@ -228,10 +228,8 @@ def test_image_text_to_text_pipeline(model, image):
 def test_auto_classes_and_tied_embeddings(converted, model, image):
     loaded = AutoModelForImageTextToText.from_pretrained(converted)
     assert isinstance(loaded, VisCPMChatForConditionalGeneration)
-    language_model = loaded.model.language_model
-    assert language_model.lm_head.weight is language_model.cpmbee.input_embedding.weight
-    base = AutoModel.from_pretrained(converted).eval()
-    assert isinstance(base, VisCPMChatModel)
+    assert loaded.lm_head.weight is loaded.model.language_model.input_embedding.weight
+    base = VisCPMChatModel.from_pretrained(converted).eval()
     inputs = model.default_processor(images=image, text="What is in the image?")
     generation_only = ("ext_table_ids", "ext_table_sub", "ext_table_mask", "allow_unk", "answer_segment_ids")
     with torch.no_grad():
@@ -239,6 +237,19 @@ def test_auto_classes_and_tied_embeddings(converted, model, image):
         full = model(**inputs, output_hidden_states=True)
     assert torch.allclose(hidden.last_hidden_state, full.hidden_states[-1], atol=TOL)
     assert torch.allclose(hidden.vision_hidden_states, full.vision_hidden_states)
+    assert torch.equal(full.image_outputs.pooler_output, full.vision_hidden_states)
+    assert full.image_outputs.last_hidden_state.shape[1] == model.config.query_num
+
+
+def test_auto_model_opens_chat(converted, model, image):
+    """`AutoModel.from_pretrained(chat_repo).chat(...)`, the mission's door, answers as the image-text-to-text head."""
+    auto = AutoModel.from_pretrained(converted).eval()
+    assert isinstance(auto, VisCPMChatForConditionalGeneration)
+    settings = dict(max_new_tokens=8, num_beams=2)
+    assert (
+        auto.chat(image, "What is in the image?", **settings)[0]
+        == model.chat(image, "What is in the image?", **settings)[0]
+    )
 
 
 def test_eager_and_sdpa_agree(converted, image):
@@ -307,7 +318,11 @@ def test_chat_streams_the_answer(model, image):
 
     chunks: list[str] = []
     processor = model.default_processor
-    answer, _, _ = model.chat(
-        image, "画里有什么？😀", processor=processor, streamer=Collect(processor.tokenizer), max_new_tokens=6
-    )
+    question = "画里有什么？😀"
+    streamer = Collect(processor.tokenizer)
+    answer, _, _ = model.chat(image, question, processor=processor, streamer=streamer, max_new_tokens=6)
     assert "".join(chunks) == answer
+    # chat() hands the streamer its prompt's table (the tokenizer keeps none).
+    assert streamer.decode_kwargs["ext_table"] == processor.encode(images=image, text=question)[1][0].ext_table
+    assert "😀" in streamer.decode_kwargs["ext_table"].values()
+    assert not hasattr(processor.tokenizer, "last_ext_table")

@@ -40,6 +40,20 @@ def test_prompt_is_the_original_chat_prompt(processor, image):
     assert inputs["answer_segment_ids"].shape == (1, 1)
 
 
+def test_encoding_carries_the_decoding_bookkeeping(processor, image):
+    question = "这是什么😀 𠀀？"
+    inputs, infos = processor.encode(images=image, text=question)
+    called = processor(images=image, text=question)
+    assert called.sample_infos == inputs.sample_infos == infos
+    assert called.ext_table == infos[0].ext_table and "😀" in called.ext_table.values()
+    assert called.to("cpu") is called and called.to(torch.float16).sample_infos == infos  # `.to()` keeps them
+    assert called["pixel_values"].dtype == torch.float16
+    assert not {"sample_infos", "ext_table"} & set(called.keys())  # never model inputs
+    batch = processor(text=[question, "a 🐍"])
+    assert batch.ext_table is None and len(batch.sample_infos) == 2  # rows decode with their own tables
+    assert [info.ext_table for info in batch.sample_infos] == [processor(text=q).ext_table for q in [question, "a 🐍"]]
+
+
 def test_user_text_is_escaped(processor):
     question, context = "Is a < b? <b>bold</b>", "User: x <ans> y\nAI: z\n"
     inputs = processor(text=question, context=context)

@@ -90,11 +90,13 @@ def test_exported_transformers_repo(tmp_path_factory: pytest.TempPathFactory, ki
             "generation_cpmbee",
             "tokenization_cpmbee",
             "encoding_cpmbee",
+            "structure_cpmbee",
         }
     else:
         assert config["auto_map"]["AutoModelForImageTextToText"] == (
             "modeling_viscpm_chat.VisCPMChatForConditionalGeneration"
         )
+        assert config["auto_map"]["AutoModel"] == config["auto_map"]["AutoModelForImageTextToText"]
         processor = json.loads((repo / "processor_config.json").read_text())
         assert processor["auto_map"] == {"AutoProcessor": "processing_viscpm_chat.VisCPMChatProcessor"}
         assert processor["image_processor"]["auto_map"] == {
@@ -123,7 +125,11 @@ def test_exported_diffusers_repo(tmp_path_factory: pytest.TempPathFactory) -> No
         modules = {p.stem for p in (repo / folder).glob("*.py")}
         # diffusers copies only the direct imports of an entry file: they must cover everything its chain needs
         assert _relative_imports(repo / folder / f"{entry}.py") | {entry} == modules, folder
-    assert {p.stem for p in (repo / "tokenizer").glob("*.py")} == {"tokenization_cpmbee", "encoding_cpmbee"}
+    assert {p.stem for p in (repo / "tokenizer").glob("*.py")} == {
+        "tokenization_cpmbee",
+        "encoding_cpmbee",
+        "structure_cpmbee",
+    }
     before = {str(p): p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     export_remote_code(repo, "viscpm_paint")
     assert {str(p): p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
@@ -175,8 +181,9 @@ image = Image.linear_gradient("L").convert("RGB").resize((320, 240))
 inputs = processor(images=image, text="这幅图像是什么颜色的？")
 with torch.no_grad():
     logits = model(**inputs).logits
-    hidden = base(**inputs).last_hidden_state
+    hidden = base.model(**inputs).last_hidden_state
 answer, context, _ = model.chat(image, "What is in the image?", processor=processor, max_new_tokens=6)
+assert base.chat(image, "What is in the image?", processor=processor, max_new_tokens=6)[0] == answer
 torch.save({"logits": logits, "hidden": hidden, **inputs}, OUT)
 objects = (model, base, processor, tokenizer, image_processor)
 print(json.dumps({"answer": answer, "classes": [type(o).__module__ + "." + type(o).__name__ for o in objects]}))

@@ -14,11 +14,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from transformers_viscpm.models.cpmbee.encoding_cpmbee import CpmBeeBatchEncoding
 from transformers_viscpm.models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer, default_vocab_file, split_markup
 
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(FIXTURES / "record"))
 import corpus  # noqa: E402
+from _reference_tokenizer import encode_markup_reference  # noqa: E402
 
 GOLDEN = json.loads((FIXTURES / "tokenizer_golden.json").read_text())
 VOCAB_SIZE = 86583
@@ -64,7 +66,7 @@ def test_fixture_matches_corpus_and_vocab(strings):
 
 @pytest.mark.parametrize("path", ["fast", "reference"])
 def test_golden_corpus(tok, strings, path):
-    encode = tok.encode_markup if path == "fast" else tok._encode_markup_reference
+    encode = tok.encode_markup if path == "fast" else (lambda *args: encode_markup_reference(tok, *args))
     results = [encode_or_none(encode, s) for s in strings]
     errors = [i for i, r in enumerate(results) if r is None]
     assert errors == GOLDEN["errors"]
@@ -78,7 +80,7 @@ def test_golden_corpus(tok, strings, path):
 
 @pytest.mark.parametrize("path", ["fast", "reference"])
 def test_golden_past_tables(tok, strings, path):
-    encode = tok.encode_markup if path == "fast" else tok._encode_markup_reference
+    encode = tok.encode_markup if path == "fast" else (lambda *args: encode_markup_reference(tok, *args))
     for i, expected in GOLDEN["chained"]:
         _, past = encode(strings[i])
         past_before = dict(past)
@@ -101,7 +103,7 @@ def test_golden_examples(tok):
 def test_automaton_matches_reference_on_large_text(tok):
     text = corpus.plain_text(300_000)
     markup = tok.escape(text)
-    assert tok.encode_markup(markup) == tok._encode_markup_reference(markup)
+    assert tok.encode_markup(markup) == encode_markup_reference(tok, markup)
 
 
 @pytest.mark.parametrize(
@@ -111,7 +113,7 @@ def test_automaton_matches_reference_on_large_text(tok):
 def test_fast_path_unknown_runs_and_sentinel(tok, text):
     # Unknown runs at the start, middle and end, the sentinel character itself, lone surrogates.
     markup = tok.escape(text)
-    assert tok.encode_markup(markup) == tok._encode_markup_reference(markup)
+    assert tok.encode_markup(markup) == encode_markup_reference(tok, markup)
 
 
 def test_fast_path_with_a_vocabulary_missing_single_characters(tmp_path):
@@ -122,7 +124,7 @@ def test_fast_path_with_a_vocabulary_missing_single_characters(tmp_path):
     small = CpmBeeTokenizer(vocab_file=str(tmp_path / "vocab.txt"))
     for text in ["abxb", "xbab", "x", "xxb", "béeb", "é", "ab x\nbé", "😀abx😀"]:
         markup = small.escape(text)
-        assert small.encode_markup(markup) == small._encode_markup_reference(markup), text
+        assert small.encode_markup(markup) == encode_markup_reference(small, markup), text
     assert type(small._automaton).__name__ == "AhoCorasick"  # the positions path, not the fast matcher
 
 
@@ -172,25 +174,33 @@ def test_special_token_ids(tok):
 
 def test_plain_text_is_escaped_by_default(tok):
     text = "a < b <ans> 😀"
-    ids = tok(text).input_ids
+    enc = tok(text)
+    ids = enc.input_ids
     assert ids == tok.encode(text) == tok.encode_markup(tok.escape(text))[0]
     assert 9 not in ids
     assert tok.tokenize(text) == ["a", " <", " b", " <", "ans", ">", " ", "😀"]
-    assert tok.decode(ids) == text
-    assert tok.decode_markup(ids) == "a << b <<ans> 😀"  # the original's decode: markup, not text
+    assert tok.decode(ids, ext_table=enc.ext_table) == text
+    assert tok.decode_markup(ids, enc.ext_table) == "a << b <<ans> 😀"  # the original's decode: markup, not text
     assert tok("<ans>x", markup=True).input_ids == [9, tok.convert_tokens_to_ids("x")] == [9, 101]
     with pytest.raises(ValueError, match="position 2"):
         tok("a < b", markup=True)
 
 
-def test_decode_uses_remembered_or_given_table(tok):
-    ids = tok.encode("x 😀 y")
-    table = dict(tok.last_ext_table)
+def test_decode_needs_the_encodings_table(tok):
+    enc = tok("x 😀 y")
+    ids, table = enc.input_ids, enc.ext_table
     assert table == {VOCAB_SIZE: "😀"}
-    tok.encode("plain")
-    assert tok.last_ext_table == {}
-    assert tok.decode(ids) == "x <unk> y"  # the remembered table no longer holds the emoji
+    assert not hasattr(tok, "last_ext_table") and not hasattr(tok, "last_sample_infos")
+    assert tok("plain").ext_table == {}
+    for decode in (tok.decode, tok.decode_markup, lambda ids, **kw: tok.batch_decode([ids], **kw)):
+        with pytest.raises(ValueError, match=f"Token id {VOCAB_SIZE} is an ext id .* no ext_table was given"):
+            decode(ids)
+        with pytest.raises(ValueError, match="the given ext_table has no entry for it"):
+            decode(ids, ext_table={VOCAB_SIZE + 1: "other request's text"})
+    with pytest.raises(ValueError, match="ext id"):
+        tok.convert_ids_to_tokens([VOCAB_SIZE])
     assert tok.decode(ids, ext_table=table) == "x 😀 y"
+    assert tok.decode_markup(ids, ext_table=table) == "x 😀 y"
     assert tok.decode([-1, *ids, -100], ext_table=table) == "x 😀 y"
     assert tok.decode([6, *ids, 7], ext_table=table, skip_special_tokens=True) == "x 😀 y"
     assert tok.decode([6, *ids, 7], ext_table=table) == "<s>x 😀 y</s>"
@@ -203,9 +213,9 @@ def test_batch_shares_one_ext_table_and_left_pads(tok):
     assert enc.input_ids.shape == (3, 5)  # "yo", " ", "🙂", " ", "😀"
     assert enc.input_ids[0].tolist()[:2] == [0, 0] and enc.attention_mask[0].tolist() == [0, 0, 1, 1, 1]
     assert enc.input_ids[2].tolist() == [0] * 5 and enc.attention_mask[2].tolist() == [0] * 5
-    assert tok.last_ext_table == {VOCAB_SIZE: "😀", VOCAB_SIZE + 1: "🙂"}
+    assert enc.ext_table == {VOCAB_SIZE: "😀", VOCAB_SIZE + 1: "🙂"}
     assert enc.input_ids[0, -1] == enc.input_ids[1, -1] == VOCAB_SIZE
-    assert tok.batch_decode(enc.input_ids, skip_special_tokens=True) == texts
+    assert tok.batch_decode(enc.input_ids, skip_special_tokens=True, ext_table=enc.ext_table) == texts
     pair = tok("😀 a", "🙂 b")
     assert pair.input_ids == [VOCAB_SIZE, *tok.encode(" a"), VOCAB_SIZE + 1, *tok.encode(" b")]
     continued = tok("🙂", ext_table={VOCAB_SIZE: "😀"})
@@ -238,10 +248,12 @@ def test_structured_input_returns_model_tensors(tok):
     assert set(batch.keys()) == set(expected.keys())
     for key in expected:
         assert torch.equal(batch[key], expected[key]), key
-    assert [info.predict_segments for info in tok.last_sample_infos] == [info.predict_segments for info in infos]
-    assert tok.last_ext_table == infos[0].ext_table
-    assert "😀" in tok.last_ext_table.values()
+    assert batch.sample_infos == infos
+    assert batch.ext_table is None  # two rows: each decodes with its own sample_infos[i].ext_table
+    assert "😀" in infos[0].ext_table.values()
     assert batch["answer_segment_ids"].tolist()[1][1] >= 0
+    one = tok(prompt, return_tensors="pt")
+    assert one.ext_table == one.sample_infos[0].ext_table == encode_structured(tok, [prompt])[1][0].ext_table
 
 
 # ---------------------------------------------------------------- properties
@@ -254,23 +266,107 @@ any_markup = st.lists(st.one_of(st.text(alphabet="<>ab 😀今\n"), st.sampled_f
 @settings(max_examples=300, deadline=None)
 @given(any_text)
 def test_decode_encode_roundtrip(tok, text):
-    ids = tok.encode(text)
-    assert tok.decode(ids) == text
+    enc = tok(text)
+    assert enc.input_ids == tok.encode(text)
+    assert tok.decode(enc.input_ids, ext_table=enc.ext_table) == text
     assert "".join(tok.tokenize(text)) == text
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.text(alphabet=st.characters(codec=None, exclude_categories=())))
 def test_roundtrip_with_surrogates(tok, text):
-    assert tok.decode(tok.encode(text)) == text
-    assert tok.encode_markup(tok.escape(text)) == tok._encode_markup_reference(tok.escape(text))
+    enc = tok(text)
+    assert tok.decode(enc.input_ids, ext_table=enc.ext_table) == text
+    assert tok.encode_markup(tok.escape(text)) == encode_markup_reference(tok, tok.escape(text))
 
 
 @settings(max_examples=300, deadline=None)
 @given(any_markup, st.sampled_from([None, *PAST_TABLES]))
 def test_fast_path_equals_reference_on_markup(tok, markup, past):
     fast = encode_or_none(tok.encode_markup, markup, past)
-    assert fast == encode_or_none(tok._encode_markup_reference, markup, past)
+    assert fast == encode_or_none(lambda *args: encode_markup_reference(tok, *args), markup, past)
     if fast is not None and past is None:
         ids, ext = fast
         assert tok.encode_markup(tok.decode_markup(ids, ext))[0] == ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(any_text, st.lists(any_text, min_size=1, max_size=4)),
+    st.booleans(),
+    st.sampled_from([None, *PAST_TABLES]),
+)
+def test_direct_call_path_equals_generic_path(tok, text, markup, past):
+    """`tok(text)` is built directly; any extra argument (here `verbose`) takes transformers' generic path."""
+    kwargs = {"ext_table": past} if past is not None else {}
+    if markup:
+        kwargs["markup"] = True
+        text = [tok.escape(t) for t in text] if isinstance(text, list) else tok.escape(text)
+    direct, generic = tok(text, **kwargs), tok(text, verbose=True, **kwargs)
+    assert type(direct) is type(generic) is CpmBeeBatchEncoding
+    assert dict(direct) == dict(generic)
+    assert direct.ext_table == generic.ext_table
+    assert direct.sample_infos is generic.sample_infos is None
+    assert (direct._encodings, direct._n_sequences) == (generic._encodings, generic._n_sequences)
+    assert direct.__dict__.keys() == generic.__dict__.keys()
+
+
+def test_encoding_keeps_its_table_through_to_pickle_and_model_kwargs(tok):
+    enc = tok("x 😀", return_tensors="pt")
+    assert enc.to("cpu") is enc and enc.ext_table == {VOCAB_SIZE: "😀"}
+    for clone in (pickle.loads(pickle.dumps(enc)), copy.deepcopy(enc)):
+        assert clone.ext_table == enc.ext_table and torch.equal(clone.input_ids, enc.input_ids)
+    # The table is an attribute, not a key: `model(**enc)` / `generate(**enc)` see only tensors.
+    assert set(enc.keys()) == {"input_ids", "attention_mask"}
+    assert "ext_table" not in dict(**enc) and "sample_infos" not in dict(**tok({"input": "a", "<ans>": ""}))
+
+
+def test_streamer_gets_the_table_through_decode_kwargs(tok, capsys):
+    from transformers import TextStreamer
+
+    enc = tok("今天 😀 𠀀𠀁 🐍")
+    streamer = TextStreamer(tok, ext_table=enc.ext_table)
+    for idx in enc.input_ids:
+        streamer.put(torch.tensor([idx]))
+    streamer.end()
+    assert capsys.readouterr().out == "今天 😀 𠀀𠀁 🐍\n"
+
+
+def test_added_tokens_are_refused():
+    tok = CpmBeeTokenizer()  # not the shared one: `add_tokens` registers even the entries it accepts
+    before = len(tok)
+    for add in (lambda: tok.add_tokens(["<my_tool>"]), lambda: tok.add_special_tokens({"pad_token": "<my_pad>"})):
+        with pytest.raises(ValueError, match=r"vocabulary is fixed.*markup"):
+            add()
+    assert len(tok) == before and tok.pad_token == "<pad>"
+    assert tok.add_tokens(["<ans>"]) == 0  # an entry of the vocabulary adds nothing, and is accepted
+    assert tok("<my_tool>", markup=True).input_ids == [VOCAB_SIZE]  # what CPM-Bee does instead: an ext id
+
+
+def test_chat_template_builds_the_prompt_dict(tok):
+    messages = [
+        {"role": "system", "content": "中翻英"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+        {"role": "user", "content": "a < b 😀"},
+    ]
+    prompt = {"prompt": "中翻英", "context": "User: 你好\nAI: hello\n", "input": "a < b 😀", "<ans>": ""}
+    assert json.loads(tok.apply_chat_template(messages, tokenize=False)) == prompt
+    assert list(json.loads(tok.apply_chat_template(messages, tokenize=False))) == list(prompt)  # key order
+    enc = tok.apply_chat_template(messages, return_tensors="pt")
+    expected = tok(prompt, return_tensors="pt")
+    assert enc.keys() == expected.keys() and all(torch.equal(enc[k], expected[k]) for k in enc)
+    assert enc.sample_infos == expected.sample_infos and enc.ext_table == expected.ext_table
+    assert tok.apply_chat_template(messages, return_dict=False) == tok(prompt).input_ids
+    only_user = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert json.loads(only_user) == {"input": "hi", "<ans>": ""}
+    for bad, message in [
+        (messages[:3], "must end with a user message"),
+        ([messages[1], messages[0], messages[3]], "system message must come first"),
+        ([messages[1], messages[1]], "must alternate"),
+        ([{"role": "tool", "content": "x"}], "system, user and assistant roles only"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            tok.apply_chat_template(bad)
+    with pytest.raises(ValueError, match="cannot continue an assistant message"):
+        tok.apply_chat_template(messages[:3], continue_final_message=True)

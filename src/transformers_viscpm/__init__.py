@@ -14,6 +14,7 @@ from .models.viscpm_chat.configuration_viscpm_chat import VisCPMChatConfig, VisC
 from .models.viscpm_chat.image_processing_viscpm_chat import VisCPMChatImageProcessor
 from .models.viscpm_chat.modeling_viscpm_chat import VisCPMChatForConditionalGeneration, VisCPMChatModel
 from .models.viscpm_chat.processing_viscpm_chat import VisCPMChatProcessor
+from .pipelines.text_generation_cpmbee import CpmBeeTextGenerationPipeline
 from .pipelines.viscpm_paint import VisCPMPaintPipeline, VisCPMPaintTextEncoder, VisCPMPaintTextEncoderConfig
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "CpmBeeConfig",
     "CpmBeeForCausalLM",
     "CpmBeeModel",
+    "CpmBeeTextGenerationPipeline",
     "CpmBeeTokenizer",
     "VisCPMChatConfig",
     "VisCPMChatForConditionalGeneration",

@@ -43,7 +43,7 @@ TRANSFORMERS_AUTO_MAPS: dict[str, dict[str, dict[str, str | tuple[str, None]]]] 
     "viscpm_chat": {
         "config.json": {
             "AutoConfig": "VisCPMChatConfig",
-            "AutoModel": "VisCPMChatModel",
+            "AutoModel": "VisCPMChatForConditionalGeneration",
             "AutoModelForImageTextToText": "VisCPMChatForConditionalGeneration",
         },
         "tokenizer_config.json": {"AutoTokenizer": ("CpmBeeTokenizer", None)},
@@ -269,7 +269,8 @@ tokenizer = AutoTokenizer.from_pretrained("${repo_id}", trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained("${repo_id}", trust_remote_code=True)
 inputs = tokenizer([{"input": "今天天气真好", "prompt": "中翻英", "<ans>": ""}], return_tensors="pt")
 output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+new_tokens = output[0, inputs["input_ids"].shape[1] :]
+print(tokenizer.decode(new_tokens, skip_special_tokens=True, ext_table=inputs.ext_table))
 """,
     "viscpm_chat": """\
 from PIL import Image

@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 from .. import __version__
 from ..hub import export_remote_code
 from ..models.cpmbee.configuration_cpmbee import CpmBeeConfig
+from ..models.cpmbee.generation_cpmbee import CpmBeeBeamSearchSettings
 from ..models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM
 from ..models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
 from ._io import (
@@ -142,14 +143,15 @@ def convert_cpmbee(
     for key, reason in mapping.dropped.items():
         logger.info("not converted: %s (%s)", key, reason)
     tokenizer = CpmBeeTokenizer()
-    # The original's beam search defaults (VLLMCPMBeeBeamSearch.generate): beam 3, 100 new tokens, no penalties.
-    generation = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        num_beams=3,
-        max_new_tokens=100,
-        do_sample=False,
+    # Plain `generate()` keeps the stock defaults (greedy); `generate_answers()` reads the original's beam search
+    # defaults (VLLMCPMBeeBeamSearch.generate: beam 3, 100 new tokens, no penalties) from their own field.
+    beam_search = CpmBeeBeamSearchSettings(num_beams=3, max_new_tokens=100)
+    generation = beam_search.save_to(
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     )
     variant = _size_name(sum(spec.numel for spec in expected.values()))
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
@@ -173,7 +175,7 @@ def convert_cpmbee(
             source_file=source.path.name,
             converter_version=__version__,
             repo_id=push_to_hub or str(output_dir),
-            snippet_max_new_tokens=generation.max_new_tokens,
+            snippet_max_new_tokens=beam_search.max_new_tokens,
             dtype=str(out_dtype).removeprefix("torch."),
         )
         if remote_code:

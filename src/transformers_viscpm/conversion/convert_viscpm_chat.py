@@ -20,10 +20,11 @@ from transformers import GenerationConfig
 from .. import __version__
 from ..hub import export_remote_code
 from ..models.cpmbee.configuration_cpmbee import CpmBeeConfig
+from ..models.cpmbee.generation_cpmbee import CpmBeeBeamSearchSettings
 from ..models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
 from ..models.viscpm_chat.configuration_viscpm_chat import VisCPMChatConfig, VisCPMChatVisionConfig
 from ..models.viscpm_chat.image_processing_viscpm_chat import VisCPMChatImageProcessor
-from ..models.viscpm_chat.modeling_viscpm_chat import BEAM_TEMPERATURE_FIELD, VisCPMChatForConditionalGeneration
+from ..models.viscpm_chat.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
 from ..models.viscpm_chat.processing_viscpm_chat import VisCPMChatProcessor
 from ._io import (
     CheckpointError,
@@ -53,14 +54,14 @@ VISCPM_CHAT_KEY_TABLE: tuple[KeyRule, ...] = (
     KeyRule(r"vpm\.beit3\.(.+)", r"model.vision_model.\1"),
     KeyRule(r"query", "model.query"),
     KeyRule(r"mapping\.([02])\.(weight|bias)", r"model.mapping.\1.\2"),
-    KeyRule(r"llm\.(.+)", r"model.language_model.cpmbee.\1"),
+    KeyRule(r"llm\.(.+)", r"model.language_model.\1"),
 )
 
 # The original `VisCPMChat.chat` decoding (VisCPM/viscpm_chat.py).
-CHAT_GENERATION_DEFAULTS: dict[str, Any] = dict(
-    num_beams=3, max_new_tokens=512, repetition_penalty=1.1, length_penalty=3.0, do_sample=False
+# The original `VisCPMChat.chat` decoding, kept for `chat()` in the generation config's own field.
+CHAT_BEAM_SEARCH = CpmBeeBeamSearchSettings(
+    num_beams=3, max_new_tokens=512, repetition_penalty=1.1, length_penalty=3.0, temperature=0.7
 )
-CHAT_BEAM_TEMPERATURE = 0.7
 
 # Released files of openbmb/VisCPM-Chat and what they are (for the model card).
 _VARIANTS = {
@@ -155,14 +156,13 @@ def convert_viscpm_chat(
             show_progress=show_progress,
         )
         config.save_pretrained(tmp)
+        # Plain `generate()` keeps the stock defaults (greedy); `chat()` reads the original's settings.
         generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            **CHAT_GENERATION_DEFAULTS,
         )
-        setattr(generation_config, BEAM_TEMPERATURE_FIELD, CHAT_BEAM_TEMPERATURE)
-        generation_config.save_pretrained(tmp)
+        CHAT_BEAM_SEARCH.save_to(generation_config).save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_model_card(
             tmp,

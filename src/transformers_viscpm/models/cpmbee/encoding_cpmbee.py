@@ -40,21 +40,21 @@ This module is the one place of that rule; it reproduces the original VisCPM `_p
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from transformers import BatchEncoding
 
-if TYPE_CHECKING:
-    from .tokenization_cpmbee import CpmBeeTokenizer
+from .structure_cpmbee import PER_TOKEN_KEYS
 
 __all__ = [
-    "PER_TOKEN_KEYS",
-    "STRUCTURE_KEYS",
+    "CpmBeeBatchEncoding",
     "CpmBeeMarkup",
     "CpmBeeSampleInfo",
+    "CpmBeeTokenizerLike",
     "encode_structured",
     "image_placeholder",
 ]
@@ -64,18 +64,27 @@ IMAGE_KEY = "image"
 ROOT_MARKUP = "<root>"
 # Relation buckets count tree steps up to this depth (the original's `max_depth`).
 MAX_DEPTH = 8
-# Per-token structure tensors of an encoding (DESIGN.md): they describe every token, cached or current.
-STRUCTURE_KEYS = (
-    "position_ids",
-    "context",
-    "sample_ids",
-    "num_segments",
-    "segment_ids",
-    "segment_rel_offset",
-    "attention_mask",
-)
-# All per-token tensors (ids and structure); each is 0 / False on left padding.
-PER_TOKEN_KEYS = ("input_ids", "input_id_subs", *STRUCTURE_KEYS)
+
+
+class CpmBeeTokenizerLike(Protocol):
+    """What this module needs of a tokenizer (`CpmBeeTokenizer` has it); a protocol, so that the tokenizer module
+    can import this one and not the other way round."""
+
+    bos_token_id: int
+    eos_token_id: int
+    unk_token_id: int
+    unk_token: Any
+    vocab_size: int
+
+    def escape(self, text: str) -> str: ...
+
+    def encode_markup(
+        self, markup: str, past_table: Mapping[int, str] | None = None
+    ) -> tuple[list[int], dict[int, str]]: ...
+
+    def convert_tokens_to_ids(self, tokens: str) -> int: ...
+
+    def decode(self, token_ids: list[int], ext_table: Mapping[int, str] | None = None) -> str: ...
 
 
 class CpmBeeMarkup(str):
@@ -104,7 +113,7 @@ class CpmBeeSampleInfo:
     answer_placeholders: list[tuple[str, ...]]
     ext_table: dict[int, str] = field(default_factory=dict)
 
-    def decode_answers(self, tokenizer: CpmBeeTokenizer, generated: Iterable[tuple[int, int]]) -> dict[int, str]:
+    def decode_answers(self, tokenizer: CpmBeeTokenizerLike, generated: Iterable[tuple[int, int]]) -> dict[int, str]:
         """Group generated `(token_id, answer_id)` pairs per answer and decode them (trailing `</s>` dropped)."""
         per_answer: dict[int, list[int]] = {}
         for token_id, answer_id in generated:
@@ -129,6 +138,56 @@ class CpmBeeSampleInfo:
                 node = node[part]
             node[path[-1]] = text
         return filled
+
+
+def _one_row_table(sample_infos: Sequence[CpmBeeSampleInfo]) -> dict[int, str] | None:
+    """The table that decodes generated ids of a one-row encoding (a streamer's), None for a batch: there the
+    same output id may stand for different text in different rows, so each row decodes with its own
+    `sample_infos[i].ext_table`."""
+    return dict(sample_infos[0].ext_table) if len(sample_infos) == 1 else None
+
+
+class CpmBeeBatchEncoding(BatchEncoding):
+    """A `BatchEncoding` that also carries what decoding its ids needs, as attributes (not keys: they never reach
+    the model as inputs, and `.to(device)` keeps them).
+
+    `ext_table` maps the ext ids (`>= vocab_size`) of a string encoding, or of what a one-row dict encoding
+    generates, to their text; pass it to `decode(..., ext_table=...)` and to streamers. `sample_infos` holds the
+    `CpmBeeSampleInfo` of every row of a dict encoding (None for strings). The tokenizer keeps no copy: an
+    encoding is the only place of its table.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any] | None = None,
+        tensor_type: Any = None,
+        *,
+        ext_table: Mapping[int, str] | None = None,
+        sample_infos: Sequence[CpmBeeSampleInfo] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(data, tensor_type=tensor_type, **kwargs)
+        self.ext_table = dict(ext_table) if ext_table is not None else None
+        self.sample_infos = list(sample_infos) if sample_infos is not None else None
+
+    @classmethod
+    def of_lists(cls, data: dict[str, list], ext_table: dict[int, str]) -> CpmBeeBatchEncoding:
+        """The encoding of `data` (lists, nothing to convert), built without `BatchEncoding.__init__`'s tensor
+        conversion machinery, which costs a third of the time of encoding a 200-character prompt; `ext_table` is
+        taken as is. The same object `CpmBeeBatchEncoding(data, ext_table=ext_table)` builds (tests check)."""
+        encoding = cls.__new__(cls)
+        encoding.data = data
+        encoding._encodings = encoding._n_sequences = None
+        encoding.ext_table, encoding.sample_infos = ext_table, None
+        return encoding
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "ext_table": self.ext_table, "sample_infos": self.sample_infos}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.ext_table = state.get("ext_table")
+        self.sample_infos = state.get("sample_infos")
 
 
 @dataclass
@@ -159,13 +218,13 @@ class _EncodedSample:
     image_spans: list[tuple[int, int]]  # token ranges of image segments (with <s>, </s>)
 
 
-def _to_markup(text: Any, tokenizer: CpmBeeTokenizer, raw: bool) -> str:
+def _to_markup(text: Any, tokenizer: CpmBeeTokenizerLike, raw: bool) -> str:
     if not isinstance(text, str):
         raise TypeError(f"CPM-Bee prompt keys and leaf values must be strings, got {type(text).__name__}: {text!r}")
     return text if raw or isinstance(text, CpmBeeMarkup) else tokenizer.escape(text)
 
 
-def _segments(data: Mapping[str, Any], tokenizer: CpmBeeTokenizer, markup: bool) -> list[_Segment]:
+def _segments(data: Mapping[str, Any], tokenizer: CpmBeeTokenizerLike, markup: bool) -> list[_Segment]:
     """Flatten the dict tree in the original's order: root, then each key followed by its value."""
     segments = [_Segment(ROOT_MARKUP, (0,), False, False)]
 
@@ -216,7 +275,7 @@ def _segment_relations(segments: Sequence[_Segment]) -> list[int]:
 class _BaseIds(dict):
     """`<name>` -> vocabulary id, looked up on first use (copying the whole vocabulary costs ~7 ms a call)."""
 
-    def __init__(self, tokenizer: CpmBeeTokenizer) -> None:
+    def __init__(self, tokenizer: CpmBeeTokenizerLike) -> None:
         super().__init__()
         self._tokenizer = tokenizer
 
@@ -229,7 +288,7 @@ class _BaseIds(dict):
 
 
 def _encode_sample(
-    data: Mapping[str, Any], tokenizer: CpmBeeTokenizer, vocab: _BaseIds, state: _ExtState, markup: bool
+    data: Mapping[str, Any], tokenizer: CpmBeeTokenizerLike, vocab: _BaseIds, state: _ExtState, markup: bool
 ) -> _EncodedSample:
     """One dict to token ids; unknown runs and unknown specials are re-id'd to their base token plus a sub-id."""
     segments = _segments(data, tokenizer, markup)
@@ -306,7 +365,7 @@ class _Row:
 def _encode_row(
     data: Mapping[str, Any],
     in_context_samples: Sequence[Mapping[str, Any]],
-    tokenizer: CpmBeeTokenizer,
+    tokenizer: CpmBeeTokenizerLike,
     vocab: _BaseIds,
     max_length: int | None,
     markup: bool,
@@ -362,18 +421,18 @@ def _encode_row(
 
 
 def encode_structured(
-    tokenizer: CpmBeeTokenizer,
+    tokenizer: CpmBeeTokenizerLike,
     data_list: Sequence[Mapping[str, Any]],
     *,
     in_context_samples: Sequence[Mapping[str, Any]] | None = None,
     max_length: int | None = None,
     return_tensors: str | None = "pt",
     markup: bool = False,
-) -> tuple[BatchEncoding, list[CpmBeeSampleInfo]]:
+) -> tuple[CpmBeeBatchEncoding, list[CpmBeeSampleInfo]]:
     """Encode CPM-Bee prompt dicts into a left-padded batch (see DESIGN.md for every tensor).
 
     Args:
-        tokenizer: a `CpmBeeTokenizer` (`encode_markup`, `escape`, `get_vocab`, bos/eos ids, `vocab_size`).
+        tokenizer: a `CpmBeeTokenizer` (anything with what `CpmBeeTokenizerLike` lists).
         data_list: one prompt dict per row; each needs a top-level `"<ans>"` (a string or a nested dict of
             strings whose leaves are the answers to generate).
         in_context_samples: solved examples (their `"<ans>"` values filled in) appended to every row as
@@ -384,7 +443,7 @@ def encode_structured(
         markup: treat every key and value as CPM-Bee markup (the original's behaviour) instead of text.
 
     Returns:
-        The `BatchEncoding` and one `CpmBeeSampleInfo` per row.
+        The `CpmBeeBatchEncoding` (its `sample_infos` and `ext_table` set) and one `CpmBeeSampleInfo` per row.
     """
     if not data_list:
         raise ValueError("data_list is empty")
@@ -416,12 +475,13 @@ def encode_structured(
     ext_ids = np.array([token_id for token_id, _ in batch_ext], dtype=np.int64)
     ext_subs = np.array([sub for _, sub in batch_ext], dtype=np.int64)
 
-    columns = ("input_ids", "input_id_subs", "sample_ids", "num_segments", "segment_ids", "segment_rel_offset")
-    arrays = {name: np.zeros((batch_size, length), dtype=np.int64) for name in columns}
-    arrays["position_ids"] = np.zeros((batch_size, length), dtype=np.int64)
-    arrays["context"] = np.zeros((batch_size, length), dtype=bool)
+    # Per-token tensors a row carries as lists; `position_ids` and `attention_mask` are derived below.
+    row_fields = {f.name for f in dataclasses.fields(_Row)}
+    columns = [name for name in PER_TOKEN_KEYS if name in row_fields]
+    arrays = {
+        name: np.zeros((batch_size, length), dtype=bool if name == "context" else np.int64) for name in PER_TOKEN_KEYS
+    }
     arrays["segment_rel"] = np.zeros((batch_size, rel_length), dtype=np.int64)
-    arrays["attention_mask"] = np.zeros((batch_size, length), dtype=np.int64)
     arrays["ext_table_ids"] = np.tile(ext_ids, (batch_size, 1))
     arrays["ext_table_sub"] = np.tile(ext_subs, (batch_size, 1))
     arrays["ext_table_mask"] = np.zeros((batch_size, len(batch_ext)), dtype=bool)
@@ -436,7 +496,6 @@ def encode_structured(
         for name in columns:
             arrays[name][b, pad:] = getattr(row, name)
         arrays["position_ids"][b, pad:] = np.arange(n)
-        arrays["context"][b, pad:] = row.context
         arrays["attention_mask"][b, pad:] = 1
         arrays["segment_rel"][b, : len(row.segment_rel)] = row.segment_rel
         for output_id in info.ext_table:
@@ -447,7 +506,8 @@ def encode_structured(
         if "image_bound" in arrays and row.image_bound:
             arrays["image_bound"][b, : len(row.image_bound)] = np.array(row.image_bound) + pad
 
-    if return_tensors is None:
-        data = {name: array.tolist() for name, array in arrays.items()}
-        return BatchEncoding(data), infos
-    return BatchEncoding(arrays, tensor_type=return_tensors), infos
+    data = {name: array.tolist() for name, array in arrays.items()} if return_tensors is None else arrays
+    encoding = CpmBeeBatchEncoding(
+        data, tensor_type=return_tensors, ext_table=_one_row_table(infos), sample_infos=infos
+    )
+    return encoding, infos

@@ -49,23 +49,43 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessor, PreTrainedConfig
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.processing_utils import Unpack
 
-from .encoding_cpmbee import STRUCTURE_KEYS, CpmBeeSampleInfo, encode_structured
+from .encoding_cpmbee import CpmBeeSampleInfo, encode_structured
+from .structure_cpmbee import (
+    CHAT_KEYS,
+    EXT_TABLE_KEYS,
+    GENERATION_KEYS,
+    INPUT_KEYS,
+    SEEN_TOKEN_KEYS,
+    STRUCTURE_KEYS,
+    CpmBeeExtTableKwargs,
+    pop_keys,
+    select_keys,
+)
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding
 
-    from .modeling_cpmbee import CpmBeeForCausalLM
     from .tokenization_cpmbee import CpmBeeTokenizer
 
 __all__ = [
+    "BEAM_SEARCH_FIELD",
     "CpmBeeBeamSearchSettings",
     "CpmBeeExtTableLogitsProcessor",
+    "CpmBeeGenerationMixin",
     "cpmbee_beam_search",
     "generate_answers",
 ]
 
+# Generation-config field holding the original beam search's settings (for `generate_answers` and `chat`), so that
+# the stock fields keep their transformers meaning for plain `generate()`.
+BEAM_SEARCH_FIELD = "cpmbee_beam_search"
+# Inputs `prepare_inputs_for_generation` takes besides the stock ones.
+_DECLARED_INPUTS = frozenset(INPUT_KEYS) | frozenset(CHAT_KEYS)
 # The logit the original gives to ids a sample cannot generate (not -inf: the repetition penalty may scale it).
 MASKED_LOGIT = -10000.0
 
@@ -159,19 +179,38 @@ class CpmBeeBeamSearchSettings:
     def from_generation_config(
         cls, generation_config: GenerationConfig | None = None, **overrides: Any
     ) -> CpmBeeBeamSearchSettings:
-        """Read the settings from `generation_config` (any unset field: the default), then apply `overrides`."""
+        """The settings of `generation_config`, then `overrides`; any unset value takes the default.
+
+        A converted repo keeps the original's settings in the `cpmbee_beam_search` field (see
+        [`~CpmBeeBeamSearchSettings.save_to`]); a generation config without it is read through its stock fields
+        (`num_beams`, `max_new_tokens`, `repetition_penalty`, `length_penalty`, `temperature`, `repetition_window`).
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - names
         if unknown:
             raise TypeError(f"unknown CPM-Bee beam search settings: {sorted(unknown)}; supported: {sorted(names)}")
-        if generation_config is not None and generation_config.do_sample:
+        stored = getattr(generation_config, BEAM_SEARCH_FIELD, None)
+        if stored is None and generation_config is not None and generation_config.do_sample:
             raise ValueError("the CPM-Bee beam search is deterministic: use `model.generate` to sample")
+        if stored is not None and set(stored) - names:
+            raise ValueError(f"unknown settings in `{BEAM_SEARCH_FIELD}`: {sorted(set(stored) - names)}")
         values = {}
         for name in names:
-            value = overrides[name] if name in overrides else getattr(generation_config, name, None)
+            if name in overrides:
+                value = overrides[name]
+            elif stored is not None:
+                value = stored.get(name)
+            else:
+                value = getattr(generation_config, name, None)
             if value is not None:
                 values[name] = value
         return cls(**values)
+
+    def save_to(self, generation_config: GenerationConfig) -> GenerationConfig:
+        """Store these settings in `generation_config`'s own field, leaving its stock fields (plain `generate()`)
+        untouched."""
+        setattr(generation_config, BEAM_SEARCH_FIELD, dataclasses.asdict(self))
+        return generation_config
 
 
 class _FinishedHypotheses:
@@ -229,7 +268,7 @@ def _apply_repetition_penalty(
 
 @torch.no_grad()
 def cpmbee_beam_search(
-    model: CpmBeeForCausalLM,
+    model: PreTrainedModel,
     model_inputs: BatchEncoding | Mapping[str, torch.Tensor],
     sample_infos: Sequence[CpmBeeSampleInfo],
     generation_config: GenerationConfig | None = None,
@@ -240,7 +279,7 @@ def cpmbee_beam_search(
     """Run the original CPM-Bee beam search and return, per sample, the best hypothesis as `(token_id, answer_id)`.
 
     Args:
-        model: a `CpmBeeForCausalLM` (or any model with its forward contract).
+        model: a CPM-Bee head (`CpmBeeForCausalLM`, `VisCPMChatForConditionalGeneration`): its forward contract.
         model_inputs: the tensors of `encode_structured` (DESIGN.md), on the model's device.
         sample_infos: the matching `CpmBeeSampleInfo`s (answer segments and ids).
         generation_config: defaults to `model.generation_config`; see [`CpmBeeBeamSearchSettings`].
@@ -254,7 +293,7 @@ def cpmbee_beam_search(
     settings = CpmBeeBeamSearchSettings.from_generation_config(
         generation_config if generation_config is not None else model.generation_config, **kwargs
     )
-    config = model.config
+    config = model.config.get_text_config()
     beams_per_sample = settings.num_beams
     batch = model_inputs["attention_mask"].shape[0]
     if len(sample_infos) != batch:
@@ -268,23 +307,19 @@ def cpmbee_beam_search(
     if mask_ext_and_unk is None:
         raise ValueError("model_inputs need `allow_unk` and `ext_table_mask` (see `encode_structured`)")
 
-    prompt_inputs = {key: model_inputs[key] for key in STRUCTURE_KEYS}
-    prompt_inputs.update(
-        segment_rel=model_inputs["segment_rel"],
-        ext_table_ids=model_inputs["ext_table_ids"],
-        ext_table_sub=model_inputs["ext_table_sub"],
-    )
+    prompt_inputs = select_keys(model_inputs, (*SEEN_TOKEN_KEYS, *STRUCTURE_KEYS, *EXT_TABLE_KEYS))
     if inputs_embeds is None:
-        prompt_inputs.update(input_ids=model_inputs["input_ids"], input_id_subs=model_inputs["input_id_subs"])
+        prompt_inputs["input_ids"] = model_inputs["input_ids"]
     else:
         prompt_inputs["inputs_embeds"] = inputs_embeds
+        prompt_inputs.pop("input_id_subs", None)
     cache = model(**prompt_inputs, use_cache=True, logits_to_keep=1).cache
     cache.batch_repeat_interleave(beams_per_sample)
 
     def expand(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.repeat_interleave(beams_per_sample, dim=0)
 
-    structure = {key: expand(model_inputs[key]) for key in STRUCTURE_KEYS}
+    structure = {key: expand(model_inputs[key]) for key in SEEN_TOKEN_KEYS}
     # A generated token sees the prompt and the earlier generated tokens and borrows the last prompt token's
     # sample bookkeeping (`num_segments`, `segment_rel_offset`), as the original's incremental inference does.
     generated_structure = {
@@ -327,7 +362,7 @@ def cpmbee_beam_search(
             position_ids=column([beam.next_position for beam in flat]),
             segment_ids=column([beam.next_segment for beam in flat]),
         )
-        for key in STRUCTURE_KEYS:
+        for key in SEEN_TOKEN_KEYS:
             structure[key] = torch.cat([structure[key], step_structure[key].to(structure[key].dtype)], dim=1)
         outputs = model(
             input_ids=next_ids,
@@ -395,7 +430,7 @@ def cpmbee_beam_search(
 
 
 def generate_answers(
-    model: CpmBeeForCausalLM,
+    model: PreTrainedModel,
     tokenizer: CpmBeeTokenizer,
     data_list: Sequence[Mapping[str, Any]],
     *,
@@ -419,3 +454,193 @@ def generate_answers(
         info.fill_answers(data, info.decode_answers(tokenizer, pairs))
         for data, info, pairs in zip(data_list, infos, results)
     ]
+
+
+class CpmBeeGenerationMixin(GenerationMixin):
+    """Stock `generate()` for CPM-Bee heads (CPM-Bee's causal LM, VisCPM-Chat), and `generate_answers`.
+
+    `generate(**encoding)` works on encoded dicts with greedy, sampling or stock beam search: pass the encoded
+    prompt (every key of [`CpmBeeInputKwargs`]; `answer_segment_ids` switches CPM-Bee answering on). The first step
+    feeds `<s>` at position 0 of the first answer segment; every generated token is fed back at the next position of
+    that segment, an ext id `vocab_size + k` as `(ext_table_ids[k], ext_table_sub[k])`, and EOS as the `<s>` of the
+    next answer segment (when there is one). Generated tokens are not context: each sees the prompt and the earlier
+    generated tokens, which is exactly what the original's incremental `inference` computes. Without
+    `answer_segment_ids`, generated tokens continue the last prompt token's segment at the following positions.
+    The structure of generated tokens is derived from the generated ids at every step, so beam reordering needs no
+    bookkeeping; `ext_table_mask` and `allow_unk` drive CPM-Bee's logits processor.
+    """
+
+    def _generated_structure(
+        self,
+        generated: torch.Tensor,
+        answer_segment_ids: torch.Tensor | None,
+        last_position: torch.Tensor,
+        last_segment: torch.Tensor,
+        **ext_table: Unpack[CpmBeeExtTableKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fed ids, sub-ids, positions and segments of the generated tokens `generated` `(B, s)`.
+
+        With answer segments the result has `s + 1` entries: the leading `<s>` of the first answer, then one per
+        generated token (EOS becomes the next answer's `<s>` at position 0). Without, it has `s` entries continuing
+        the prompt's last segment.
+        """
+        batch, steps = generated.shape
+        ids, subs = generated, torch.zeros_like(generated)
+        ext_table_ids, ext_table_sub = ext_table.get("ext_table_ids"), ext_table.get("ext_table_sub")
+        if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
+            is_ext = generated >= self.config.get_text_config().vocab_size
+            ext_index = (generated - self.config.get_text_config().vocab_size).clamp(0, ext_table_ids.shape[-1] - 1)
+            ids = torch.where(is_ext, ext_table_ids.gather(1, ext_index), ids)
+            subs = torch.where(is_ext, ext_table_sub.gather(1, ext_index), subs)
+        if answer_segment_ids is None:
+            positions = last_position[:, None] + 1 + torch.arange(steps, device=generated.device)
+            return ids, subs, positions, last_segment[:, None].expand(batch, steps)
+
+        text_config = self.config.get_text_config()
+        bos = text_config.bos_token_id
+        eos_ids = (
+            text_config.eos_token_id if isinstance(text_config.eos_token_id, list) else [text_config.eos_token_id]
+        )
+        is_eos = torch.isin(generated, torch.tensor(eos_ids, device=generated.device))
+        start = torch.ones(batch, 1, dtype=torch.bool, device=generated.device)
+        ids = torch.cat([torch.full_like(start, bos, dtype=ids.dtype), ids.masked_fill(is_eos, bos)], dim=1)
+        subs = torch.cat([torch.zeros_like(start, dtype=subs.dtype), subs.masked_fill(is_eos, 0)], dim=1)
+        answer_start = torch.cat([start, is_eos], dim=1)
+        num_answers = (answer_segment_ids >= 0).sum(dim=1, keepdim=True).clamp(min=1)
+        answer_index = torch.minimum(answer_start.long().cumsum(dim=1) - 1, num_answers - 1)
+        segments = answer_segment_ids.gather(1, answer_index)
+        order = torch.arange(steps + 1, device=generated.device).expand(batch, steps + 1)
+        positions = order - torch.cummax(order * answer_start, dim=1).values
+        return ids, subs, positions, segments
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs: Any,
+    ) -> dict:
+        """Build the forward inputs of one generation step from the prompt structure and the generated ids.
+
+        The structure kwargs keep the prompt's length `L` for the whole of `generate` (see
+        `_update_model_kwargs_for_generation`); the generated tokens' structure is re-derived here.
+        """
+        prompt = pop_keys(kwargs, STRUCTURE_KEYS)
+        ext_table = pop_keys(kwargs, EXT_TABLE_KEYS)
+        answer_segment_ids = pop_keys(kwargs, GENERATION_KEYS).get("answer_segment_ids")
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is None:
+            raise ValueError("The prompt's `position_ids` are needed to tell the prompt from the generated tokens.")
+        batch = input_ids.shape[0]
+        device = input_ids.device
+        prompt_length = position_ids.shape[-1]
+        num_prefix = 0 if answer_segment_ids is None else 1
+        steps = max(input_ids.shape[1] - prompt_length, 0)
+        if cache is None:
+            past_length = 0
+        elif is_first_iteration:
+            past_length = int(cache.get_seq_length())  # a cache passed in may already hold tokens
+            if past_length > 0:
+                steps = past_length - prompt_length - num_prefix + 1
+        else:
+            # A decoding step: everything but the newest token is cached (read from the shapes, not the device).
+            past_length = prompt_length + num_prefix + steps - 1
+        generated = input_ids[:, input_ids.shape[1] - steps :]
+
+        def prompt_or(name: str, fill) -> torch.Tensor:
+            tensor = attention_mask if name == "attention_mask" else prompt.get(name)
+            if tensor is not None:
+                return tensor
+            return torch.full((batch, prompt_length), fill, dtype=torch.long, device=device)
+
+        prompt_segments = prompt_or("segment_ids", 0)
+        prompt_num_segments = prompt.get("num_segments")
+        if prompt_num_segments is None:
+            prompt_num_segments = prompt_or("attention_mask", 1).ne(0).long()
+        fed_ids, fed_subs, fed_positions, fed_segments = self._generated_structure(
+            generated, answer_segment_ids, position_ids[:, -1], prompt_segments[:, -1], **ext_table
+        )
+        fed_length = fed_ids.shape[1]
+
+        def extend(prompt: torch.Tensor, generated_part: torch.Tensor) -> torch.Tensor:
+            return torch.cat([prompt, generated_part.to(prompt.dtype)], dim=1)
+
+        def repeat_last(prompt: torch.Tensor) -> torch.Tensor:
+            return extend(prompt, prompt[:, -1:].expand(batch, fed_length))
+
+        # What a generated token is: at its answer position and segment, not context, in the query sample, real;
+        # it borrows the last prompt token's sample bookkeeping (`num_segments`, `segment_rel_offset`).
+        structure = {
+            "position_ids": extend(position_ids, fed_positions),
+            "context": extend(prompt_or("context", 0).bool(), torch.zeros_like(fed_ids, dtype=torch.bool)),
+            "sample_ids": extend(prompt_or("sample_ids", 0), torch.zeros_like(fed_ids)),
+            "num_segments": repeat_last(prompt_num_segments),
+            "segment_ids": extend(prompt_segments, fed_segments),
+            "segment_rel_offset": repeat_last(prompt_or("segment_rel_offset", 0)),
+            "attention_mask": extend(prompt_or("attention_mask", 1), torch.ones_like(fed_ids)),
+        }
+        slots = cache.get_max_length() if cache is not None else -1
+        if slots > prompt_length + fed_length:
+            # A static cache: one entry per slot (the unused ones are padding), so that every decoding step has the
+            # same input shapes and a compiled forward is built once.
+            padding = slots - prompt_length - fed_length
+            structure = {key: extend(value, value.new_zeros(batch, padding)) for key, value in structure.items()}
+        query_length = prompt_length + fed_length - past_length
+        prompt_part = max(query_length - fed_length, 0)
+        fed_part = slice(fed_length - (query_length - prompt_part), fed_length)
+
+        model_inputs = {"input_ids": None, "inputs_embeds": None}
+        if prompt_part > 0 and inputs_embeds is not None and is_first_iteration:
+            fed_embeds = self.embed_input_ids(fed_ids, fed_subs).to(inputs_embeds.dtype)
+            model_inputs["inputs_embeds"] = torch.cat([inputs_embeds[:, prompt_length - prompt_part :], fed_embeds], 1)
+        else:
+            prompt_ids = input_ids[:, prompt_length - prompt_part : prompt_length]
+            prompt_subs = prompt_or("input_id_subs", 0)[:, prompt_length - prompt_part :]
+            model_inputs["input_ids"] = extend(prompt_ids, fed_ids[:, fed_part])
+            model_inputs["input_id_subs"] = extend(prompt_subs, fed_subs[:, fed_part])
+
+        model_inputs.update(structure, **select_keys(prompt, ("segment_rel",)), **ext_table, cache=cache)
+        for key, value in kwargs.items():
+            model_inputs.setdefault(key, value)
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(
+        self,
+        outputs: ModelOutput,
+        model_kwargs: dict,
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+    ) -> dict:
+        """Only carry the cache over: the prompt structure kwargs stay as given (see `prepare_inputs_for_generation`)."""
+        if "cache" in outputs:
+            model_kwargs["cache"] = outputs["cache"]
+        return model_kwargs
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """Answer mode feeds one token more than it generates (the answer's leading `<s>`): a static cache gets the
+        extra slot."""
+        if model_kwargs.get("answer_segment_ids") is not None:
+            max_cache_length += 1
+        super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+
+    def _get_logits_processor(self, generation_config, *args, model_kwargs=None, **kwargs):
+        """Stock processors, preceded by the original's per-sample `<unk>`/ext-table mask when the prompt has it."""
+        processors = super()._get_logits_processor(generation_config, *args, model_kwargs=model_kwargs, **kwargs)
+        processor = CpmBeeExtTableLogitsProcessor.from_model_kwargs(self.config.get_text_config(), model_kwargs)
+        if processor is not None:
+            processors.insert(0, processor)
+        return processors
+
+    def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
+        """The declared CPM-Bee inputs are taken by `prepare_inputs_for_generation`; stock checks for the rest."""
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in _DECLARED_INPUTS})
+
+    # `model.generate_answers(tokenizer, data_list, **settings)`: the original's beam search, answers filled in.
+    generate_answers = generate_answers

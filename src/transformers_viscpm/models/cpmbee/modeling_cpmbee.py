@@ -11,25 +11,44 @@ Token structure (how a structured CPM-Bee prompt becomes masks and position buck
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_cpmbee import CpmBeeConfig
-from .generation_cpmbee import CpmBeeExtTableLogitsProcessor, generate_answers
+from .generation_cpmbee import CpmBeeGenerationMixin
+from .structure_cpmbee import (
+    EXT_TABLE_KEYS,
+    GENERATION_KEYS,
+    SEEN_TOKEN_KEYS,
+    STRUCTURE_KEYS,
+    CpmBeeInputKwargs,
+    CpmBeeStructureKwargs,
+    pop_keys,
+)
+
+
+class CpmBeeModelKwargs(CpmBeeStructureKwargs, TransformersKwargs, total=False):
+    """Keyword arguments of [`CpmBeeModel.forward`]: the token structure and the stock transformers ones."""
+
+
+class CpmBeeCausalLMKwargs(CpmBeeInputKwargs, TransformersKwargs, total=False):
+    """Keyword arguments of [`CpmBeeForCausalLM.forward`]: every tensor of an encoding and the stock ones."""
+
 
 # Sub-ids rotate embeddings with the original's rotary table: base 10000, distance scale 16.
 _ROTARY_BASE = 10000
@@ -72,24 +91,20 @@ def _distance_buckets(num_buckets: int, max_distance: int, device: torch.device)
 
 
 def cpmbee_attention_layout(
-    position_ids: torch.Tensor,
-    context: torch.Tensor,
-    sample_ids: torch.Tensor,
-    segment_ids: torch.Tensor,
-    num_segments: torch.Tensor,
-    segment_rel_offset: torch.Tensor,
-    segment_rel: torch.Tensor,
     key_valid: torch.Tensor,
     query_length: int,
     num_buckets: int,
     max_distance: int,
+    position_ids: torch.Tensor,
     query_start: int | torch.Tensor | None = None,
+    **structure: Unpack[CpmBeeStructureKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one home of CPM-Bee's attention masks and position buckets.
 
-    Every per-token tensor is `(batch, K)` over all the tokens attention can see (cached ones first); the queries
-    are the `query_length` tokens from `query_start` on (default: the last ones). `query_start` may be a 0-d tensor
-    (a static cache's length: every slot is a key, and no host synchronisation is needed to find the queries).
+    `position_ids` and every tensor of the token structure (all of [`CpmBeeTokenStructureKwargs`], and
+    `segment_rel`) are `(batch, K)` over all the tokens attention can see (cached ones first); the queries are the
+    `query_length` tokens from `query_start` on (default: the last ones). `query_start` may be a 0-d tensor (a
+    static cache's length: every slot is a key, and no host synchronisation is needed to find the queries).
     Returns `(buckets, mask, query_valid)`:
 
     - `buckets` `(batch, q, K)`: rows of the position-bias table. Inside one segment of one sample, the bidirectional
@@ -110,6 +125,9 @@ def cpmbee_attention_layout(
         query = slice(query_start, query_start + query_length)
     else:
         query = query_start + torch.arange(query_length, device=device)
+    context, sample_ids, segment_rel = structure["context"], structure["sample_ids"], structure["segment_rel"]
+    segment_ids, num_segments = structure["segment_ids"], structure["num_segments"]
+    segment_rel_offset = structure["segment_rel_offset"]
 
     def as_query(tensor: torch.Tensor) -> torch.Tensor:
         return tensor[:, query, None]
@@ -237,11 +255,18 @@ def cpmbee_eager_attention_forward(
     attention_mask: torch.Tensor,
     scaling: float,
     dropout: float = 0.0,
+    query_valid: torch.Tensor | None = None,
     **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention with CPM-Bee's additive float bias (position bias plus masking)."""
+    """Softmax attention with CPM-Bee's additive float bias (position bias plus masking).
+
+    Rows of padding queries (`query_valid` `(B, q)` False) are zeroed before the value product, so the returned
+    weights are the ones used (they stay on the autograd graph) and those rows' outputs are 0, as in the original.
+    """
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling + attention_mask
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if query_valid is not None:
+        attn_weights = attn_weights * query_valid[:, None, :, None].to(attn_weights.dtype)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
@@ -275,7 +300,7 @@ class CpmBeeAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
-        padding_queries: torch.Tensor | None,
+        query_valid: torch.Tensor,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -304,13 +329,12 @@ class CpmBeeAttention(nn.Module):
             dropout=self.config.dropout_p if self.training else 0.0,
             scaling=self.scaling,
             is_causal=False,
+            query_valid=query_valid,
             **kwargs,
         )
-        if padding_queries is not None:
-            # Padding queries attend to nothing: the original's softmax over an all -inf row, zeroed.
-            attn_output = attn_output.masked_fill(padding_queries[:, :, None, None], 0.0)
-            if attn_weights is not None:
-                attn_weights = attn_weights.masked_fill(padding_queries[:, None, :, None], 0.0)
+        # Padding queries attend to nothing (the original zeroes their output); kernels other than the eager one do
+        # not know `query_valid`. A product, not a branch on the data: every step keeps the same graph.
+        attn_output = attn_output * query_valid[:, :, None, None].to(attn_output.dtype)
         attn_output = attn_output.reshape(batch, length, -1)
         attn_output = self.attention_out(attn_output).div_(math.sqrt(self.num_heads * self.head_dim))
         return attn_output, attn_weights
@@ -327,12 +351,12 @@ class CpmBeeSelfAttentionBlock(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
-        padding_queries: torch.Tensor | None,
+        query_valid: torch.Tensor,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         x = self.layernorm_before_attention(hidden_states)
-        x, _ = self.self_attention(x, attention_bias, padding_queries, cache=cache, **kwargs)
+        x, _ = self.self_attention(x, attention_bias, query_valid, cache=cache, **kwargs)
         x = F.dropout(x, p=self.dropout_p, training=self.training)
         return (hidden_states + x) / 1.05
 
@@ -389,12 +413,12 @@ class CpmBeeTransformerBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
-        padding_queries: torch.Tensor | None,
+        query_valid: torch.Tensor,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         if self.self_att is not None:
-            hidden_states = self.self_att(hidden_states, attention_bias, padding_queries, cache=cache, **kwargs)
+            hidden_states = self.self_att(hidden_states, attention_bias, query_valid, cache=cache, **kwargs)
         if self.ffn is not None:
             hidden_states = self.ffn(hidden_states)
         return hidden_states
@@ -416,12 +440,12 @@ class CpmBeeEncoder(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_bias: torch.Tensor,
-        padding_queries: torch.Tensor | None,
+        query_valid: torch.Tensor,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_bias, padding_queries, cache=cache, **kwargs)
+            hidden_states = layer(hidden_states, attention_bias, query_valid, cache=cache, **kwargs)
         return self.output_layernorm(hidden_states)
 
 
@@ -487,82 +511,48 @@ class CpmBeeModel(CpmBeePreTrainedModel):
     def attention_bias(
         self,
         query_length: int,
-        position_ids: torch.Tensor,
-        context: torch.Tensor,
-        sample_ids: torch.Tensor,
-        segment_ids: torch.Tensor,
-        num_segments: torch.Tensor,
-        segment_rel_offset: torch.Tensor,
-        segment_rel: torch.Tensor,
+        structure: Mapping[str, torch.Tensor],
         key_valid: torch.Tensor,
         dtype: torch.dtype,
         query_start: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float `(B, heads, q, K)` attention bias (position bias, masked entries at the dtype minimum) and the
-        `(B, q)` valid-query mask. Rows of padding queries are left unmasked so that no softmax sees an all-masked
-        row; their outputs are zeroed instead. Unused slots of a static cache are keys with `key_valid` False."""
+        `(B, q)` valid-query mask, from the complete token `structure` (`STRUCTURE_KEYS` but `input_id_subs`) over
+        all `K` keys; the queries start at `query_start`. Rows of padding queries are left unmasked so that no
+        softmax sees an all-masked row; their outputs are zeroed instead. Unused slots of a static cache are keys
+        with `key_valid` False."""
         buckets, mask, query_valid = cpmbee_attention_layout(
-            position_ids,
-            context,
-            sample_ids,
-            segment_ids,
-            num_segments,
-            segment_rel_offset,
-            segment_rel,
             key_valid,
             query_length,
             self.config.position_bias_num_buckets,
             self.config.position_bias_max_distance,
-            query_start,
+            query_start=query_start,
+            **structure,
         )
         bias = self.position_bias(buckets).to(dtype)
         masked = (~mask & query_valid[:, :, None])[:, None]
         # Out of place: the bias is a transposed view, which an in-place fill would have to write through.
         return torch.where(masked, torch.finfo(dtype).min, bias).contiguous(), query_valid
 
-    @merge_with_config_defaults
-    @capture_outputs
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        input_id_subs: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        context: torch.Tensor | None = None,
-        sample_ids: torch.LongTensor | None = None,
-        num_segments: torch.LongTensor | None = None,
-        segment_ids: torch.LongTensor | None = None,
-        segment_rel_offset: torch.LongTensor | None = None,
-        segment_rel: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        cache: Cache | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_input_ids(input_ids, input_id_subs)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+    @staticmethod
+    def _complete_structure(
+        structure: dict[str, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        past_length: int | torch.Tensor,
+        query_length: int,
+        key_length: int,
+        device: torch.device,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The given structure checked and spread over all `key_length` keys, with the plain-causal-LM defaults filled
+        in (one sample, one segment, nothing is context, positions counting the unpadded tokens); and `key_valid`.
 
-        batch, query_length = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-        # A static cache counts its tokens in a 0-d tensor, used as one: no host synchronisation.
-        past_length = cache.get_seq_length() if cache is not None else 0
+        The per-token tensors cover the `total_length` tokens so far, or (a static cache, whose length is a 0-d
+        tensor: fixed shapes for a compiled step) one entry per cache slot; unused slots are padding keys.
+        """
         total_length = past_length + query_length
-        # Keys: a dynamic cache's cached and current tokens; every `max_cache_len` slot of a static one.
-        key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else query_length
-        per_token = {
-            "position_ids": position_ids,
-            "context": context,
-            "sample_ids": sample_ids,
-            "num_segments": num_segments,
-            "segment_ids": segment_ids,
-            "segment_rel_offset": segment_rel_offset,
-            "attention_mask": attention_mask,
-        }
-        shapes = {name: tuple(tensor.shape) for name, tensor in per_token.items() if tensor is not None}
+        given = {name: attention_mask if name == "attention_mask" else structure.get(name) for name in SEEN_TOKEN_KEYS}
+        shapes = {name: tuple(tensor.shape) for name, tensor in given.items() if tensor is not None}
         width = next(iter(shapes.values()))[-1] if shapes else key_length
         needed = width if shapes else total_length
         if isinstance(needed, int) and needed > key_length:
@@ -570,7 +560,6 @@ class CpmBeeModel(CpmBeePreTrainedModel):
                 f"The cache holds {key_length} tokens, but this step needs {needed} ({needed - query_length} cached + "
                 f"{query_length} new): use a larger `max_cache_len`."
             )
-        # The tokens so far, or (static cache, fixed shapes for a compiled step) one entry per cache slot.
         expected = width if width == key_length or not isinstance(total_length, int) else total_length
         for name, shape in shapes.items():
             if shape != (batch, expected):
@@ -580,7 +569,6 @@ class CpmBeeModel(CpmBeePreTrainedModel):
                 )
 
         def as_slots(tensor: torch.Tensor) -> torch.Tensor:
-            """Per-token structure over all `key_length` keys (the unused static-cache slots zero)."""
             return F.pad(tensor, (0, key_length - width)) if width < key_length else tensor
 
         if isinstance(total_length, int) and total_length == key_length:
@@ -589,52 +577,72 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             key_valid = (torch.arange(key_length, device=device) < total_length).expand(batch, key_length)
         if attention_mask is not None:
             key_valid = key_valid & (as_slots(attention_mask) != 0)
-        if num_segments is not None:
-            key_valid = key_valid & (as_slots(num_segments) != 0)
-        if position_ids is None:
-            position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            position_ids = as_slots(position_ids)
+        if "num_segments" in structure:
+            key_valid = key_valid & (as_slots(structure["num_segments"]) != 0)
         zeros = torch.zeros(batch, key_length, dtype=torch.long, device=device)
+        defaults = {
+            "position_ids": (key_valid.long().cumsum(-1) - 1).clamp(min=0),
+            "context": zeros.bool(),
+            "sample_ids": zeros,
+            "num_segments": key_valid.long(),
+            "segment_ids": zeros,
+            "segment_rel_offset": zeros,
+        }
+        complete = {
+            name: as_slots(structure[name]) if name in structure else default for name, default in defaults.items()
+        }
+        complete["segment_rel"] = structure.get("segment_rel", zeros[:, :1])
+        return complete, key_valid
 
-        def given_or(tensor: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
-            return as_slots(tensor) if tensor is not None else default
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[CpmBeeModelKwargs],
+    ) -> BaseModelOutputWithPast:
+        """See the class docstring; the structure tensors are the keyword arguments of [`CpmBeeStructureKwargs`]."""
+        structure = pop_keys(kwargs, STRUCTURE_KEYS)
+        input_id_subs = structure.pop("input_id_subs", None)
+        if position_ids is not None:
+            structure["position_ids"] = position_ids
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids, input_id_subs)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
-        attention_bias, query_valid = self.attention_bias(
-            query_length,
-            position_ids,
-            given_or(context, zeros.bool()),
-            given_or(sample_ids, zeros),
-            given_or(segment_ids, zeros),
-            given_or(num_segments, key_valid.long()),
-            given_or(segment_rel_offset, zeros),
-            segment_rel if segment_rel is not None else zeros[:, :1],
-            key_valid,
-            inputs_embeds.dtype,
-            past_length,
+        batch, query_length = inputs_embeds.shape[:2]
+        # A static cache counts its tokens in a 0-d tensor, used as one: no host synchronisation.
+        past_length = cache.get_seq_length() if cache is not None else 0
+        # Keys: a dynamic cache's cached and current tokens; every `max_cache_len` slot of a static one.
+        key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else query_length
+        structure, key_valid = self._complete_structure(
+            structure, attention_mask, batch, past_length, query_length, key_length, inputs_embeds.device
         )
-        # Zeroing the padding queries' outputs is branch-free: no host synchronisation on whether there are any.
-        hidden_states = self.encoder(inputs_embeds, attention_bias, ~query_valid, cache=cache, **kwargs)
+        attention_bias, query_valid = self.attention_bias(
+            query_length, structure, key_valid, inputs_embeds.dtype, past_length
+        )
+        hidden_states = self.encoder(inputs_embeds, attention_bias, query_valid, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
-class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
+class CpmBeeForCausalLM(CpmBeePreTrainedModel, CpmBeeGenerationMixin):
     """CPM-Bee with its tied output projection: logits are `(B, q, vocab_size + E)`, the vocabulary
     (`h . E / sqrt(dim)`) followed by the batch ext table (`h . embed(ext_table_ids, ext_table_sub)`).
 
     Forward contract: see [`CpmBeeModel`]; in addition `ext_table_ids`/`ext_table_sub` `(B, E)` (identical rows so
     that beam expansion works), `labels` (next-token targets over the `vocab_size + E` ids, shifted inside the loss
-    like every transformers causal LM) and `logits_to_keep`.
-
-    Generation contract (`generate(**encoding)` with greedy, sampling or stock beam search): pass the encoded prompt
-    (every key of the structured-input table; `answer_segment_ids` switches CPM-Bee answering on). The first step
-    feeds `<s>` at position 0 of the first answer segment; every generated token is fed back at the next position of
-    that segment, an ext id `vocab_size + k` as `(ext_table_ids[k], ext_table_sub[k])`, and EOS as the `<s>` of the
-    next answer segment (when there is one). Generated tokens are not context: each sees the prompt and the earlier
-    generated tokens, which is exactly what the original's incremental `inference` computes. Without
-    `answer_segment_ids`, generated tokens continue the last prompt token's segment at the following positions.
-    The structure of generated tokens is derived from the generated ids at every step, so beam reordering needs no
-    bookkeeping; `ext_table_mask` and `allow_unk` are accepted for CPM-Bee's logits processor and not used here.
+    like every transformers causal LM) and `logits_to_keep`. The generation-only inputs of an encoding
+    ([`CpmBeeGenerationKwargs`]) are accepted so that `model(**encoding)` works; they do not change the logits.
+    Generation: see [`CpmBeeGenerationMixin`].
     """
 
     _tied_weights_keys = {"lm_head.weight": "cpmbee.input_embedding.weight"}
@@ -649,58 +657,33 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
         return self.cpmbee.embed_input_ids(input_ids, input_id_subs)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        input_id_subs: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        context: torch.Tensor | None = None,
-        sample_ids: torch.LongTensor | None = None,
-        num_segments: torch.LongTensor | None = None,
-        segment_ids: torch.LongTensor | None = None,
-        segment_rel_offset: torch.LongTensor | None = None,
-        segment_rel: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        ext_table_ids: torch.LongTensor | None = None,
-        ext_table_sub: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs: Unpack[TransformersKwargs],
+        **kwargs: Unpack[CpmBeeCausalLMKwargs],
     ) -> CausalLMOutputWithPast:
+        ext_table = pop_keys(kwargs, EXT_TABLE_KEYS)
+        pop_keys(kwargs, GENERATION_KEYS)
         outputs: BaseModelOutputWithPast = self.cpmbee(
             input_ids=input_ids,
-            input_id_subs=input_id_subs,
-            position_ids=position_ids,
-            context=context,
-            sample_ids=sample_ids,
-            num_segments=num_segments,
-            segment_ids=segment_ids,
-            segment_rel_offset=segment_rel_offset,
-            segment_rel=segment_rel,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = project_to_vocabulary(hidden_states / math.sqrt(self.config.dim_model), self.lm_head)
-        if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
-            ext_embeds = self.cpmbee.embed_input_ids(ext_table_ids, ext_table_sub)
-            if hidden_states.dim() == 2:
-                # A boolean `logits_to_keep` flattens the kept positions: pair each with its sample's ext table.
-                ext_embeds = ext_embeds[logits_to_keep.nonzero()[:, 0]]
-                ext_logits = torch.matmul(ext_embeds, hidden_states[:, :, None]).squeeze(-1)
-            else:
-                ext_logits = torch.matmul(hidden_states, ext_embeds.transpose(1, 2))
-            logits = torch.cat([logits, ext_logits], dim=-1)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
+        logits, loss = cpmbee_logits_and_loss(
+            self, outputs.last_hidden_state, labels, logits_to_keep, ext_table, kwargs
+        )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -709,188 +692,53 @@ class CpmBeeForCausalLM(CpmBeePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    def _generated_structure(
-        self,
-        generated: torch.Tensor,
-        answer_segment_ids: torch.Tensor | None,
-        ext_table_ids: torch.Tensor | None,
-        ext_table_sub: torch.Tensor | None,
-        last_position: torch.Tensor,
-        last_segment: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fed ids, sub-ids, positions and segments of the generated tokens `generated` `(B, s)`.
 
-        With answer segments the result has `s + 1` entries: the leading `<s>` of the first answer, then one per
-        generated token (EOS becomes the next answer's `<s>` at position 0). Without, it has `s` entries continuing
-        the prompt's last segment.
-        """
-        batch, steps = generated.shape
-        ids, subs = generated, torch.zeros_like(generated)
-        if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
-            is_ext = generated >= self.config.vocab_size
-            ext_index = (generated - self.config.vocab_size).clamp(0, ext_table_ids.shape[-1] - 1)
-            ids = torch.where(is_ext, ext_table_ids.gather(1, ext_index), ids)
-            subs = torch.where(is_ext, ext_table_sub.gather(1, ext_index), subs)
-        if answer_segment_ids is None:
-            positions = last_position[:, None] + 1 + torch.arange(steps, device=generated.device)
-            return ids, subs, positions, last_segment[:, None].expand(batch, steps)
-
-        bos = self.config.bos_token_id
-        eos_ids = (
-            self.config.eos_token_id if isinstance(self.config.eos_token_id, list) else [self.config.eos_token_id]
-        )
-        is_eos = torch.isin(generated, torch.tensor(eos_ids, device=generated.device))
-        start = torch.ones(batch, 1, dtype=torch.bool, device=generated.device)
-        ids = torch.cat([torch.full_like(start, bos, dtype=ids.dtype), ids.masked_fill(is_eos, bos)], dim=1)
-        subs = torch.cat([torch.zeros_like(start, dtype=subs.dtype), subs.masked_fill(is_eos, 0)], dim=1)
-        answer_start = torch.cat([start, is_eos], dim=1)
-        num_answers = (answer_segment_ids >= 0).sum(dim=1, keepdim=True).clamp(min=1)
-        answer_index = torch.minimum(answer_start.long().cumsum(dim=1) - 1, num_answers - 1)
-        segments = answer_segment_ids.gather(1, answer_index)
-        order = torch.arange(steps + 1, device=generated.device).expand(batch, steps + 1)
-        positions = order - torch.cummax(order * answer_start, dim=1).values
-        return ids, subs, positions, segments
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        next_sequence_length: int | None = None,
-        cache: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        is_first_iteration: bool | None = False,
-        input_id_subs: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        context: torch.Tensor | None = None,
-        sample_ids: torch.LongTensor | None = None,
-        num_segments: torch.LongTensor | None = None,
-        segment_ids: torch.LongTensor | None = None,
-        segment_rel_offset: torch.LongTensor | None = None,
-        segment_rel: torch.LongTensor | None = None,
-        ext_table_ids: torch.LongTensor | None = None,
-        ext_table_sub: torch.LongTensor | None = None,
-        answer_segment_ids: torch.LongTensor | None = None,
-        ext_table_mask: torch.Tensor | None = None,
-        allow_unk: torch.Tensor | None = None,
-        **kwargs,
-    ) -> dict:
-        """Build the forward inputs of one generation step from the prompt structure and the generated ids.
-
-        The structure kwargs keep the prompt's length `L` for the whole of `generate` (see
-        `_update_model_kwargs_for_generation`); the generated tokens' structure is re-derived here.
-        """
-        if position_ids is None:
-            raise ValueError("The prompt's `position_ids` are needed to tell the prompt from the generated tokens.")
-        batch = input_ids.shape[0]
-        device = input_ids.device
-        prompt_length = position_ids.shape[-1]
-        num_prefix = 0 if answer_segment_ids is None else 1
-        steps = max(input_ids.shape[1] - prompt_length, 0)
-        if cache is None:
-            past_length = 0
-        elif is_first_iteration:
-            past_length = int(cache.get_seq_length())  # a cache passed in may already hold tokens
-            if past_length > 0:
-                steps = past_length - prompt_length - num_prefix + 1
-        else:
-            # A decoding step: everything but the newest token is cached (read from the shapes, not the device).
-            past_length = prompt_length + num_prefix + steps - 1
-        generated = input_ids[:, input_ids.shape[1] - steps :]
-
-        def prompt_or(tensor: torch.Tensor | None, fill) -> torch.Tensor:
-            if tensor is not None:
-                return tensor
-            return torch.full((batch, prompt_length), fill, dtype=torch.long, device=device)
-
-        prompt_segments = prompt_or(segment_ids, 0)
-        prompt_num_segments = num_segments
-        if prompt_num_segments is None:
-            prompt_num_segments = prompt_or(attention_mask, 1).ne(0).long()
-        prompt_offsets = prompt_or(segment_rel_offset, 0)
-        fed_ids, fed_subs, fed_positions, fed_segments = self._generated_structure(
-            generated, answer_segment_ids, ext_table_ids, ext_table_sub, position_ids[:, -1], prompt_segments[:, -1]
-        )
-        fed_length = fed_ids.shape[1]
-
-        def extend(prompt: torch.Tensor, generated_part: torch.Tensor) -> torch.Tensor:
-            return torch.cat([prompt, generated_part.to(prompt.dtype)], dim=1)
-
-        def repeat_last(prompt: torch.Tensor) -> torch.Tensor:
-            return extend(prompt, prompt[:, -1:].expand(batch, fed_length))
-
-        structure = {
-            "position_ids": extend(position_ids, fed_positions),
-            "context": extend(prompt_or(context, 0).bool(), torch.zeros_like(fed_ids, dtype=torch.bool)),
-            "sample_ids": extend(prompt_or(sample_ids, 0), torch.zeros_like(fed_ids)),
-            "num_segments": repeat_last(prompt_num_segments),
-            "segment_ids": extend(prompt_segments, fed_segments),
-            "segment_rel_offset": repeat_last(prompt_offsets),
-            "attention_mask": extend(prompt_or(attention_mask, 1), torch.ones_like(fed_ids)),
-        }
-        slots = cache.get_max_length() if cache is not None else -1
-        if slots > prompt_length + fed_length:
-            # A static cache: one entry per slot (the unused ones are padding), so that every decoding step has the
-            # same input shapes and a compiled forward is built once.
-            padding = slots - prompt_length - fed_length
-            structure = {key: extend(value, value.new_zeros(batch, padding)) for key, value in structure.items()}
-        query_length = prompt_length + fed_length - past_length
-        prompt_part = max(query_length - fed_length, 0)
-        fed_part = slice(fed_length - (query_length - prompt_part), fed_length)
-
-        model_inputs = {"input_ids": None, "inputs_embeds": None}
-        if prompt_part > 0 and inputs_embeds is not None and is_first_iteration:
-            fed_embeds = self.embed_input_ids(fed_ids, fed_subs).to(inputs_embeds.dtype)
-            model_inputs["inputs_embeds"] = torch.cat([inputs_embeds[:, prompt_length - prompt_part :], fed_embeds], 1)
-        else:
-            prompt_ids = input_ids[:, prompt_length - prompt_part : prompt_length]
-            prompt_subs = prompt_or(input_id_subs, 0)[:, prompt_length - prompt_part :]
-            model_inputs["input_ids"] = extend(prompt_ids, fed_ids[:, fed_part])
-            model_inputs["input_id_subs"] = extend(prompt_subs, fed_subs[:, fed_part])
-
-        model_inputs.update(structure)
-        model_inputs.update(
-            segment_rel=segment_rel,
-            ext_table_ids=ext_table_ids,
-            ext_table_sub=ext_table_sub,
-            cache=cache,
-        )
-        for key, value in kwargs.items():
-            model_inputs.setdefault(key, value)
-        return model_inputs
-
-    def _update_model_kwargs_for_generation(
-        self,
-        outputs: ModelOutput,
-        model_kwargs: dict,
-        is_encoder_decoder: bool = False,
-        num_new_tokens: int = 1,
-    ) -> dict:
-        """Only carry the cache over: the prompt structure kwargs stay as given (see `prepare_inputs_for_generation`)."""
-        if "cache" in outputs:
-            model_kwargs["cache"] = outputs["cache"]
-        return model_kwargs
-
-    def _prepare_cache_for_generation(
-        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
-    ) -> None:
-        """Answer mode feeds one token more than it generates (the answer's leading `<s>`): a static cache gets the
-        extra slot."""
-        if model_kwargs.get("answer_segment_ids") is not None:
-            max_cache_length += 1
-        super()._prepare_cache_for_generation(
-            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
-        )
-
-    def _get_logits_processor(self, generation_config, *args, model_kwargs=None, **kwargs):
-        """Stock processors, preceded by the original's per-sample `<unk>`/ext-table mask when the prompt has it."""
-        processors = super()._get_logits_processor(generation_config, *args, model_kwargs=model_kwargs, **kwargs)
-        processor = CpmBeeExtTableLogitsProcessor.from_model_kwargs(self.config, model_kwargs)
-        if processor is not None:
-            processors.insert(0, processor)
-        return processors
-
-    # `model.generate_answers(tokenizer, data_list, **settings)`: the original's beam search, answers filled in.
-    generate_answers = generate_answers
+def cpmbee_logits_and_loss(
+    model: PreTrainedModel,
+    hidden_states: torch.Tensor,
+    labels: torch.LongTensor | None,
+    logits_to_keep: int | torch.Tensor,
+    ext_table: Mapping[str, torch.Tensor],
+    loss_kwargs: Mapping[str, object],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits of every CPM-Bee head ([`cpmbee_logits`]) and, with `labels`, the head's loss over the
+    `vocab_size + E` ids (stock shifted cross-entropy)."""
+    logits = cpmbee_logits(model, hidden_states, logits_to_keep, **ext_table)
+    if labels is None:
+        return logits, None
+    return logits, model.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
 
 
-__all__ = ["CpmBeeForCausalLM", "CpmBeeModel", "CpmBeePreTrainedModel", "cpmbee_attention_layout"]
+def cpmbee_logits(
+    model: PreTrainedModel,
+    hidden_states: torch.Tensor,
+    logits_to_keep: int | torch.Tensor = 0,
+    ext_table_ids: torch.LongTensor | None = None,
+    ext_table_sub: torch.LongTensor | None = None,
+) -> torch.Tensor:
+    """CPM-Bee's logits from the last hidden states, for any head holding the tied `lm_head` and `embed_input_ids`
+    (CPM-Bee and VisCPM-Chat): the vocabulary (`h . E / sqrt(dim)`) then the batch ext table
+    (`h . embed(ext_table_ids, ext_table_sub)`), over the positions `logits_to_keep` selects."""
+    hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+    scale = math.sqrt(model.config.get_text_config().dim_model)
+    logits = project_to_vocabulary(hidden_states / scale, model.get_output_embeddings())
+    if ext_table_ids is None or ext_table_ids.shape[-1] == 0:
+        return logits
+    ext_embeds = model.embed_input_ids(ext_table_ids, ext_table_sub)
+    if hidden_states.dim() == 2:
+        # A boolean `logits_to_keep` flattens the kept positions: pair each with its sample's ext table.
+        ext_embeds = ext_embeds[logits_to_keep.nonzero()[:, 0]]
+        ext_logits = torch.matmul(ext_embeds, hidden_states[:, :, None]).squeeze(-1)
+    else:
+        ext_logits = torch.matmul(hidden_states, ext_embeds.transpose(1, 2))
+    return torch.cat([logits, ext_logits], dim=-1)
+
+
+__all__ = [
+    "CpmBeeForCausalLM",
+    "CpmBeeModel",
+    "CpmBeePreTrainedModel",
+    "cpmbee_attention_layout",
+    "cpmbee_logits",
+    "cpmbee_logits_and_loss",
+]

@@ -15,20 +15,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from operator import itemgetter
 from typing import Any
 
 from ahocorasick_rs import AhoCorasick, MatchKind
 from transformers.tokenization_python import PreTrainedTokenizer
-from transformers.tokenization_utils_base import BatchEncoding, TruncationStrategy
+from transformers.tokenization_utils_base import AddedToken, BatchEncoding, TruncationStrategy
 from transformers.utils import PaddingStrategy, TensorType
+
+from .encoding_cpmbee import CpmBeeBatchEncoding, encode_structured
 
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.txt"}
 
+# `__call__` keyword arguments its direct path serves; any other goes through transformers' generic path.
+_FAST_CALL_KWARGS = frozenset({"markup", "ext_table"})
 # The vocabulary file spells the two whitespace entries as markup; the tokenizer matches the real characters.
 _FILE_SPELLINGS = {"</n>": "\n", "</_>": " "}
 _TEXT_SPELLINGS = {text: spelling for spelling, text in _FILE_SPELLINGS.items()}
@@ -54,6 +59,43 @@ def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
     for spelling, text in _FILE_SPELLINGS.items():
         vocab[text] = vocab.pop(spelling)
     return vocab
+
+
+# The default chat template: a conversation -> the CPM-Bee prompt dict, rendered as JSON (`apply_chat_template` parses
+# it back). An optional leading system message is the `"prompt"` (CPM-Bee's task instruction), finished turns become
+# the `"context"` in VisCPM's turn format (`"User: q\nAI: a\n"` each), the last user message is the `"input"`, and
+# `"<ans>"` is the answer to generate. Roles must alternate user / assistant and end with the user.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(prompt=none, context='', question=none) -%}"
+    "{%- for message in messages -%}"
+    "{%- set text = namespace(value='') -%}"
+    "{%- if message['content'] is string -%}{%- set text.value = message['content'] -%}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}"
+    "{%- else -%}{{ raise_exception('CPM-Bee takes text only, got a ' + part['type'] + ' part') }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if not loop.first -%}{{ raise_exception('A system message must come first.') }}{%- endif -%}"
+    "{%- set ns.prompt = text.value -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{%- if ns.question is not none -%}{{ raise_exception('User and assistant messages must alternate.') }}"
+    "{%- endif -%}"
+    "{%- set ns.question = text.value -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if ns.question is none -%}{{ raise_exception('An assistant message must answer a user message.') }}"
+    "{%- endif -%}"
+    "{%- set ns.context = ns.context + 'User: ' + ns.question + '\n' + 'AI: ' + text.value + '\n' -%}"
+    "{%- set ns.question = none -%}"
+    "{%- else -%}{{ raise_exception('CPM-Bee supports the system, user and assistant roles only.') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.question is none -%}{{ raise_exception('The conversation must end with a user message.') }}"
+    "{%- endif -%}"
+    "{{- '{' -}}"
+    "{%- if ns.prompt is not none -%}{{- '\"prompt\": ' + (ns.prompt | tojson) + ', ' -}}{%- endif -%}"
+    "{%- if ns.context -%}{{- '\"context\": ' + (ns.context | tojson) + ', ' -}}{%- endif -%}"
+    '{{- \'"input": \' + (ns.question | tojson) + \', "<ans>": ""}\' -}}'
+)
 
 
 def _is_special_entry(token: str) -> bool:
@@ -120,9 +162,14 @@ class _ExtTable:
     table; repeated texts reuse their id.
     """
 
+    __slots__ = ("_ids", "_vocab_size", "table")
+
     def __init__(self, vocab_size: int, past_table: Mapping[int, str] | None) -> None:
-        self.table: dict[int, str] = dict(past_table) if past_table else {}
-        self._ids = {text: idx for idx, text in self.table.items()}
+        if past_table:
+            self.table: dict[int, str] = dict(past_table)
+            self._ids = {text: idx for idx, text in self.table.items()}
+        else:  # the common case, once per call: no copies
+            self.table, self._ids = {}, {}
         self._vocab_size = vocab_size
 
     def id_for(self, text: str) -> int:
@@ -202,14 +249,21 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
     Each run of characters the vocabulary cannot spell (most emoji, rare CJK, control characters), and each
     special token outside the vocabulary, becomes ONE extra id `vocab_size + k` recorded in an ext table
     `{id: text}`. One call shares one table across its batch (and text pair), optionally continuing
-    `ext_table=`. The tokenizer remembers the table of its most recent encoding in `last_ext_table`, and
-    `decode` uses it unless given `ext_table=`, so `tokenizer.decode(tokenizer.encode(text)) == text` and
-    streamers work as usual. `convert_tokens_to_ids` has no table: extra tokens map to `<unk>` there.
+    `ext_table=`. The tokenizer keeps nothing between calls (one instance serves many threads): the table travels
+    with the encoding, a [`CpmBeeBatchEncoding`] whose `ext_table` attribute `decode` / `batch_decode` /
+    `decode_markup` take back explicitly (`tokenizer.decode(enc.input_ids, ext_table=enc.ext_table)`). Decoding an
+    ext id without its table is a `ValueError`. Streamers pass it on: `TextStreamer(tokenizer,
+    ext_table=enc.ext_table)` (TextStreamer hands its extra keyword arguments to `decode`). `convert_tokens_to_ids`
+    has no table: extra tokens map to `<unk>` there.
 
     `decode` returns the real text; [`~CpmBeeTokenizer.decode_markup`] returns the original's decode output
     (markup). Dicts (CPM-Bee structured prompts) passed to `__call__` go to the structured encoder: the call
-    returns the model tensors as a `BatchEncoding` and keeps the per-sample answer bookkeeping in
-    `last_sample_infos` (and the first sample's output table in `last_ext_table`, for streamers).
+    returns the model tensors, with the per-sample answer bookkeeping in `sample_infos` (and, for one prompt, the
+    table of what it generates in `ext_table`). `apply_chat_template` turns a conversation into such a prompt (see
+    `CHAT_TEMPLATE`).
+
+    The vocabulary is fixed: CPM-Bee's specials are markup (`<name>`, with ext ids for names outside the
+    vocabulary), so `add_tokens` refuses new tokens instead of accepting ones the tokenizer would never emit.
 
     Args:
         vocab_file (`str`, *optional*):
@@ -254,9 +308,6 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         self._max_piece_len = max(map(len, self._pieces))
         # Built on first use: a `_FastMatcher`, or a plain automaton when the vocabulary does not allow it.
         self._automaton: _FastMatcher | AhoCorasick | None = None
-        self.last_ext_table: dict[int, str] = {}
-        # Per-sample answer bookkeeping of the most recent dict encoding (see `encoding_cpmbee.CpmBeeSampleInfo`).
-        self.last_sample_infos: list = []
         super().__init__(
             bos_token=bos_token,
             eos_token=eos_token,
@@ -269,6 +320,8 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             token_type_ids_pattern="all_zeros",
             **kwargs,
         )
+        if self.chat_template is None:
+            self.chat_template = CHAT_TEMPLATE
 
     # The automaton is a Rust object that cannot be pickled: rebuild it on first use (0.1 s) instead.
     def __getstate__(self) -> dict[str, Any]:
@@ -295,20 +348,11 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
     ) -> tuple[list[int], dict[int, str]]:
         """Encode CPM-Bee markup exactly like the original `CPMBeeTokenizer.encode(markup, past_table)`.
 
-        Returns the ids and the ext table (a new dict that continues `past_table`, which is left untouched);
-        the table is also remembered as `last_ext_table`. Raises `ValueError` on invalid markup.
+        Returns the ids and the ext table (a new dict that continues `past_table`, which is left untouched).
+        Raises `ValueError` on invalid markup.
         """
         ext = _ExtTable(self.vocab_size, past_table)
-        ids = self._encode_into(markup, ext, self._encode_text)
-        self.last_ext_table = ext.table
-        return ids, ext.table
-
-    def _encode_markup_reference(
-        self, markup: str, past_table: Mapping[int, str] | None = None
-    ) -> tuple[list[int], dict[int, str]]:
-        """Pure-Python greedy longest match, kept to cross-check the automaton path (same output, ~10x slower)."""
-        ext = _ExtTable(self.vocab_size, past_table)
-        return self._encode_into(markup, ext, self._encode_text_reference), ext.table
+        return self._encode_into(markup, ext, self._encode_text), ext.table
 
     def _encode_into(
         self, markup: str, ext: _ExtTable, encode_text: Callable[[str, list[int], _ExtTable], None]
@@ -324,6 +368,14 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                 ids.append(known if known is not None else ext.id_for(part))
             else:
                 encode_text(part, ids, ext)
+        return ids
+
+    def _encode_plain(self, text: str, ext: _ExtTable) -> list[int]:
+        """`_encode_into(escape(text), ...)` without escaping or splitting: the escaped markup of plain text is one
+        text part, the text itself (text parts run across `<<` escapes)."""
+        ids: list[int] = []
+        if text:
+            self._encode_text(text, ids, ext)
         return ids
 
     def _encode_text(self, text: str, ids: list[int], ext: _ExtTable) -> None:
@@ -366,6 +418,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             ids.append(ext.id_for(text[pos:]))
 
     def _encode_text_reference(self, text: str, ids: list[int], ext: _ExtTable) -> None:
+        """The original's loop in pure Python, for text the plain automaton cannot take (lone surrogates)."""
         pieces, longest = self._pieces, self._max_piece_len
         pos, n = 0, len(text)
         unknown_start = -1
@@ -391,8 +444,37 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
 
     def tokenize(self, text: str, markup: bool = False, **kwargs) -> list[str]:
         """Token strings of `text` (plain text unless `markup=True`); extra tokens are shown as their text."""
-        ids, table = self.encode_markup(text if markup else self.escape(text))
+        ext = _ExtTable(self.vocab_size, None)
+        ids = self._encode_into(text, ext, self._encode_text) if markup else self._encode_plain(text, ext)
+        table = ext.table
         return [table[idx] if idx in table else self.decoder[idx] for idx in ids]
+
+    def __call__(self, text: Any = None, text_pair: Any = None, *args, **kwargs) -> BatchEncoding:
+        """transformers' `__call__`; see `_encode_plus` for what CPM-Bee adds (`markup=`, `ext_table=`, dicts).
+
+        The common call, a string or a list of strings with at most `markup` / `ext_table`, is built here directly:
+        the generic path (argument resolution, `prepare_for_model`, `pad`) costs more than encoding 200 characters.
+        Its result is the generic path's (`input_ids`, `attention_mask` lists), as the tests check.
+        """
+        if args or text_pair is not None or not kwargs.keys() <= _FAST_CALL_KWARGS:
+            return super().__call__(text, text_pair, *args, **kwargs)
+        if isinstance(text, str):
+            ext = _ExtTable(self.vocab_size, kwargs.get("ext_table"))
+            if kwargs.get("markup"):
+                ids = self._encode_into(text, ext, self._encode_text)
+            else:
+                ids = self._encode_plain(text, ext)
+            data = {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        elif type(text) is list and text and all(type(item) is str for item in text):
+            ext = _ExtTable(self.vocab_size, kwargs.get("ext_table"))
+            if kwargs.get("markup"):
+                rows = [self._encode_into(item, ext, self._encode_text) for item in text]
+            else:
+                rows = [self._encode_plain(item, ext) for item in text]
+            data = {"input_ids": rows, "attention_mask": [[1] * len(ids) for ids in rows]}
+        else:
+            return super().__call__(text, text_pair, *args, **kwargs)
+        return CpmBeeBatchEncoding.of_lists(data, ext.table)
 
     def _encode_plus(
         self,
@@ -417,22 +499,18 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         markup: bool = False,
         ext_table: Mapping[int, str] | None = None,
         **kwargs,
-    ) -> BatchEncoding:
+    ) -> CpmBeeBatchEncoding:
         """Strings (plain text, or markup with `markup=True`) and id lists; dicts go to the structured encoder.
 
-        All strings of one call share one ext table (continuing `ext_table` if given), kept as `last_ext_table`.
+        All strings of one call share one ext table (continuing `ext_table` if given), returned as the encoding's
+        `ext_table`; a dict encoding carries its `sample_infos`.
         """
         kwargs.pop("split_special_tokens", None)  # text is never split on added tokens: markup decides specials
         if _is_structured(text):
-            from .encoding_cpmbee import encode_structured
-
             data_list = [text] if isinstance(text, Mapping) else list(text)
-            encoding, self.last_sample_infos = encode_structured(
+            return encode_structured(
                 self, data_list, max_length=max_length, return_tensors=return_tensors, markup=markup, **kwargs
-            )
-            # Streamers decode generated ids of the first sample through its output table.
-            self.last_ext_table = dict(self.last_sample_infos[0].ext_table)
-            return encoding
+            )[0]
         if is_split_into_words:
             raise ValueError("CpmBeeTokenizer has no word pre-splitting: pass whole strings.")
         if return_offsets_mapping:
@@ -444,7 +522,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             if item is None:
                 return None
             if isinstance(item, str):
-                return self._encode_into(item if markup else self.escape(item), ext, self._encode_text)
+                return self._encode_into(item, ext, self._encode_text) if markup else self._encode_plain(item, ext)
             if isinstance(item, (list, tuple)) and all(isinstance(i, int) for i in item):
                 return list(item)
             raise ValueError(f"Expected a string, a list of ids or a CPM-Bee dict, got {type(item).__name__}.")
@@ -463,8 +541,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         batched = isinstance(text, (list, tuple)) and not (text and isinstance(text[0], int))
         if not batched:
             ids, pair_ids = to_ids(text), to_ids(text_pair)
-            self.last_ext_table = ext.table
-            return self.prepare_for_model(
+            encoded = self.prepare_for_model(
                 ids,
                 pair_ids=pair_ids,
                 padding=padding_strategy.value,
@@ -475,6 +552,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
                 return_attention_mask=return_attention_mask,
                 **prepare_kwargs,
             )
+            return CpmBeeBatchEncoding(encoded.data, ext_table=ext.table)
 
         if text_pair is not None and (not isinstance(text_pair, (list, tuple)) or len(text_pair) != len(text)):
             raise ValueError("If `text` is a batch, `text_pair` must also be a batch of the same length.")
@@ -486,7 +564,6 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             )
             for key, value in encoded.items():
                 batch_outputs.setdefault(key, []).append(value)
-        self.last_ext_table = ext.table
         if return_tensors and return_overflowing_tokens:
             batch_outputs.pop("overflowing_tokens", None)
             batch_outputs.pop("num_truncated_tokens", None)
@@ -498,15 +575,77 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             padding_side=padding_side,
             return_attention_mask=return_attention_mask,
         )
-        return BatchEncoding(batch_outputs, tensor_type=return_tensors)
+        return CpmBeeBatchEncoding(batch_outputs, tensor_type=return_tensors, ext_table=ext.table)
+
+    def apply_chat_template(self, conversation: Any, *args, **kwargs) -> Any:
+        """transformers' `apply_chat_template`, ending in the CPM-Bee prompt dict instead of a flat text.
+
+        The template (default: `CHAT_TEMPLATE`) renders each conversation as the JSON of its prompt dict;
+        `tokenize=False` returns that JSON (`json.loads` gives the dict), `tokenize=True` (the default) encodes the
+        dicts with the structured encoder: the ids, structure tensors and `sample_infos` that `generate` and
+        `generate_answers` take (only `input_ids` without `return_dict`). There is no prefill of an assistant
+        answer: CPM-Bee answers into `"<ans>"`.
+        """
+        if kwargs.get("continue_final_message"):
+            raise ValueError("CPM-Bee cannot continue an assistant message: end the conversation with the user")
+        tokenize = kwargs.pop("tokenize", True)
+        return_dict = kwargs.pop("return_dict", True)
+        return_tensors = kwargs.pop("return_tensors", None)
+        rendered = super().apply_chat_template(conversation, *args, tokenize=False, **kwargs)
+        if not tokenize:
+            return rendered
+        prompts = [json.loads(text) for text in ([rendered] if isinstance(rendered, str) else rendered)]
+        encoding = self(prompts, return_tensors=return_tensors)
+        return encoding if return_dict else encoding["input_ids"]
+
+    def _add_tokens(self, new_tokens: list[str] | list[AddedToken], special_tokens: bool = False) -> int:
+        """Registers vocabulary entries only; a new token is a `ValueError`.
+
+        CPM-Bee has no added-token splitting: specials are markup (`<name>`, an ext id when `name` is not in the
+        vocabulary) and the embeddings of the released checkpoints are sized to the fixed vocabulary, so a new
+        token would be accepted but never emitted.
+        """
+        self._refuse_new_tokens(new_tokens or ())
+        return super()._add_tokens(new_tokens, special_tokens=special_tokens)
+
+    def add_special_tokens(self, special_tokens_dict: dict[str, Any], *args, **kwargs) -> int:
+        """transformers' `add_special_tokens`, checked before anything is set (see `_add_tokens`)."""
+        for value in special_tokens_dict.values():
+            self._refuse_new_tokens(value if isinstance(value, (list, tuple)) else [value])
+        return super().add_special_tokens(special_tokens_dict, *args, **kwargs)
+
+    def _refuse_new_tokens(self, tokens: Iterable[str | AddedToken]) -> None:
+        unknown = [str(token) for token in tokens if str(token) not in self.encoder]
+        if unknown:
+            raise ValueError(
+                f"CpmBeeTokenizer cannot add tokens {unknown}: its vocabulary is fixed. CPM-Bee's special tokens are "
+                "markup: write `<name>` in text encoded with `markup=True` (names outside the vocabulary get ext "
+                "ids of the sample), and plain text needs no new tokens (unknown characters get ext ids too)."
+            )
 
     def _convert_token_to_id(self, token: str) -> int:
         return self.encoder.get(token, self.encoder[str(self.unk_token)])
 
     def _convert_id_to_token(self, index: int) -> str:
-        text = self.last_ext_table.get(index)
+        token = self.decoder.get(index)
+        if token is None:
+            raise ValueError(self._no_table_message(index, None))
+        return token
+
+    def _no_table_message(self, index: int, ext_table: Mapping[int, str] | None) -> str:
+        where = "no ext_table was given" if ext_table is None else "the given ext_table has no entry for it"
+        return (
+            f"Token id {index} is an ext id (vocabulary size {self.vocab_size}) and {where}: decode with the table "
+            "of the encoding that produced it (`ext_table=encoding.ext_table`, or `sample_infos[i].ext_table` for "
+            "row i of a dict batch)."
+        )
+
+    def _text_of(self, idx: int, table: Mapping[int, str] | None) -> str:
+        text = table.get(idx) if table else None
         if text is None:
-            text = self.decoder.get(index, str(self.unk_token))
+            text = self.decoder.get(idx)
+            if text is None:
+                raise ValueError(self._no_table_message(idx, table))
         return text
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
@@ -520,19 +659,11 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         ext_table: Mapping[int, str] | None = None,
         **kwargs,
     ) -> str:
-        """The real text of `token_ids`; extra ids read `ext_table` (default: `last_ext_table`), negatives are skipped."""
+        """The real text of `token_ids`; ext ids read `ext_table` (a `ValueError` without it), negatives are skipped."""
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        table = self.last_ext_table if ext_table is None else ext_table
-        skip = set(self.all_special_ids) if skip_special_tokens else set()
-        unk = str(self.unk_token)
-        pieces = []
-        for idx in token_ids:
-            if idx < 0 or idx in skip:
-                continue
-            text = table.get(idx)
-            pieces.append(text if text is not None else self.decoder.get(idx, unk))
-        text = "".join(pieces)
+        skip = set(self.all_special_ids) if skip_special_tokens else ()
+        text = "".join(self._text_of(idx, ext_table) for idx in token_ids if idx >= 0 and idx not in skip)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         if clean_up_tokenization_spaces:
@@ -540,20 +671,18 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         return text
 
     def decode_markup(self, token_ids: list[int], ext_table: Mapping[int, str] | None = None) -> str:
-        """The original `CPMBeeTokenizer.decode`: markup, with ordinary tokens escaped and specials verbatim.
+        """The original `CPMBeeTokenizer.decode(ids, ext_table)`: markup, ordinary tokens escaped, specials verbatim.
 
-        `encode_markup(decode_markup(ids))` gives back `ids` for ids that `encode_markup` produced. Ext ids read
-        `ext_table` (default: `last_ext_table`); negative ids are skipped.
+        `encode_markup(decode_markup(ids, table))` gives back `ids` for ids and table that `encode_markup` produced.
+        Ext ids read `ext_table` (a `ValueError` without it); negative ids are skipped.
         """
-        table = self.last_ext_table if ext_table is None else ext_table
-        unk = str(self.unk_token)
         pieces = []
         for idx in token_ids:
-            text = table.get(idx)
+            text = ext_table.get(idx) if ext_table else None
             if text is not None:
                 pieces.append(text)
             elif idx >= 0:
-                token = self.decoder.get(idx, unk)
+                token = self._text_of(idx, ext_table)
                 pieces.append(token if _is_special_entry(token) else self.escape(token))
         return "".join(pieces)
 

@@ -16,13 +16,15 @@ def register() -> None:
     from .configuration_viscpm_chat import VisCPMChatConfig, VisCPMChatVisionConfig
     from .image_processing_viscpm_chat import VisCPMChatImageProcessor
     from .modeling_beit3 import VisCPMChatVisionModel
-    from .modeling_viscpm_chat import VisCPMChatForConditionalGeneration, VisCPMChatModel
+    from .modeling_viscpm_chat import VisCPMChatForConditionalGeneration
     from .processing_viscpm_chat import VisCPMChatProcessor
 
     AutoConfig.register(VisCPMChatConfig.model_type, VisCPMChatConfig, exist_ok=True)
     AutoConfig.register(VisCPMChatVisionConfig.model_type, VisCPMChatVisionConfig, exist_ok=True)
     AutoModel.register(VisCPMChatVisionConfig, VisCPMChatVisionModel, exist_ok=True)
-    AutoModel.register(VisCPMChatConfig, VisCPMChatModel, exist_ok=True)
+    # `AutoModel` opens the chat model (the mission's door, and how OpenBMB's own hub repos map it): the head adds no
+    # weights (it is tied), and `chat()` needs it. The base stays `VisCPMChatModel` / `model.model`.
+    AutoModel.register(VisCPMChatConfig, VisCPMChatForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(VisCPMChatConfig, VisCPMChatForConditionalGeneration, exist_ok=True)
     AutoTokenizer.register(VisCPMChatConfig, tokenizer_class=CpmBeeTokenizer, exist_ok=True)
     AutoImageProcessor.register(

@@ -5,13 +5,14 @@ query outputs to the CPM-Bee width (Linear-GELU-Linear) and writes them over the
 `"image"` segment before CPM-Bee runs. The placeholders are located by `image_bound` (the segment's token range), not by
 their id: question text the vocabulary cannot spell is also encoded as `<unk>`.
 
-Module names follow the original checkpoint (`vpm.beit3.*` -> `model.vision_model.*`, `query` -> `model.query`,
-`mapping.*` -> `model.mapping.*`, `llm.*` -> `model.language_model.cpmbee.*`), so conversion is a small key table.
-The language model is the whole [`CpmBeeForCausalLM`] (as BLIP-2 keeps its causal LM): its tied output layer with the
-ext-table logits, its `generate()` and the original-exact CPM-Bee beam search are reused as they are.
+The shape is LLaVA's: [`VisCPMChatModel`] is the vision tower, the queries, the mapping and the CPM-Bee transformer
+([`CpmBeeModel`], no vocabulary head); [`VisCPMChatForConditionalGeneration`] calls `self.model(...)` and adds the
+tied `lm_head` with CPM-Bee's ext-table logits (`cpmbee_logits`) and CPM-Bee's generation (`CpmBeeGenerationMixin`,
+the original-exact beam search). Module names follow the original checkpoint (`vpm.beit3.*` ->
+`model.vision_model.*`, `query` -> `model.query`, `mapping.*` -> `model.mapping.*`, `llm.*` ->
+`model.language_model.*`), so conversion is a small key table.
 """
 
-import copy
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -20,47 +21,65 @@ import numpy as np
 import PIL.Image
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation.streamers import BaseStreamer
 from transformers.image_utils import ImageInput
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
-from ..cpmbee.generation_cpmbee import cpmbee_beam_search
-from ..cpmbee.modeling_cpmbee import CpmBeeForCausalLM
+from ..cpmbee.generation_cpmbee import CpmBeeGenerationMixin, cpmbee_beam_search
+from ..cpmbee.modeling_cpmbee import CpmBeeModel, cpmbee_logits_and_loss
+from ..cpmbee.structure_cpmbee import (
+    CHAT_KEYS,
+    EXT_TABLE_KEYS,
+    GENERATION_KEYS,
+    CpmBeeInputKwargs,
+    CpmBeeStructureKwargs,
+    VisCPMChatImageKwargs,
+    pop_keys,
+)
 from .configuration_viscpm_chat import VisCPMChatConfig
 from .modeling_beit3 import VisCPMChatVisionModel
 
 if TYPE_CHECKING:
     from .processing_viscpm_chat import VisCPMChatProcessor
 
-# Custom generation-config field: the temperature the original CPM-Bee beam search divides logits by (stock beam
-# search has no such step, and a `temperature` without `do_sample` does not validate).
-BEAM_TEMPERATURE_FIELD = "beam_temperature"
+
+class VisCPMChatModelKwargs(VisCPMChatImageKwargs, CpmBeeStructureKwargs, TransformersKwargs, total=False):
+    """Keyword arguments of [`VisCPMChatModel.forward`]: the image inputs, CPM-Bee's structure, the stock ones."""
+
+
+class VisCPMChatCausalLMKwargs(VisCPMChatImageKwargs, CpmBeeInputKwargs, TransformersKwargs, total=False):
+    """Keyword arguments of [`VisCPMChatForConditionalGeneration.forward`]: every tensor of the processor."""
+
+
+class _VisionHiddenStates:
+    """`vision_hidden_states`: the mapped query features written into the `"image"` segment, i.e.
+    `image_outputs.pooler_output` `(batch, query_num, text hidden size)`; pass them back as `vision_hidden_states`
+    to skip the vision tower on later turns about the same image."""
+
+    @property
+    def vision_hidden_states(self) -> torch.FloatTensor | None:
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
 @dataclass
-class VisCPMChatModelOutputWithPast(BaseModelOutputWithPast):
-    r"""
-    vision_hidden_states (`torch.FloatTensor` of shape `(batch_size, query_num, text hidden size)`, *optional*):
-        The mapped query outputs written into the `"image"` segment; pass them back as `vision_hidden_states` to skip
-        the vision tower on later turns about the same image.
-    """
-
-    vision_hidden_states: torch.FloatTensor | None = None
+class VisCPMChatModelOutputWithPast(_VisionHiddenStates, MultimodalBaseModelOutputWithPast):
+    r"""CPM-Bee's last hidden states; `image_outputs` holds the vision tower's outputs (`pooler_output`: the mapped
+    features, also reachable as `vision_hidden_states`)."""
 
 
 @dataclass
-class VisCPMChatCausalLMOutputWithPast(CausalLMOutputWithPast):
-    r"""
-    vision_hidden_states (`torch.FloatTensor` of shape `(batch_size, query_num, text hidden size)`, *optional*):
-        The mapped query outputs written into the `"image"` segment (see [`VisCPMChatModelOutputWithPast`]).
-    """
-
-    vision_hidden_states: torch.FloatTensor | None = None
+class VisCPMChatCausalLMOutputWithPast(_VisionHiddenStates, MultimodalCausalLMOutputWithPast):
+    r"""Logits over the vocabulary then the batch ext table; `image_outputs` as in [`VisCPMChatModelOutputWithPast`]."""
 
 
 class VisCPMChatPreTrainedModel(PreTrainedModel):
@@ -82,13 +101,8 @@ class VisCPMChatPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.query, mean=0.0, std=std, a=-std, b=std)
 
 
-def _structure_kwargs(**tensors: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The CPM-Bee structure tensors that were given (the language model fills in defaults for the others)."""
-    return {name: tensor for name, tensor in tensors.items() if tensor is not None}
-
-
 class VisCPMChatModel(VisCPMChatPreTrainedModel):
-    """The vision tower, the queries, the mapping and CPM-Bee; returns CPM-Bee's last hidden states."""
+    """The vision tower, the queries, the mapping and the CPM-Bee transformer; returns CPM-Bee's last hidden states."""
 
     def __init__(self, config: VisCPMChatConfig):
         super().__init__(config)
@@ -96,7 +110,7 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         self.vision_model = VisCPMChatVisionModel._from_config(config.vision_config)
         self.query = nn.Parameter(torch.zeros(config.query_num, vision_width))
         self.mapping = nn.Sequential(nn.Linear(vision_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
-        self.language_model = CpmBeeForCausalLM._from_config(config.text_config)
+        self.language_model = CpmBeeModel._from_config(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -143,75 +157,56 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         image_bound: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         vision_hidden_states: torch.FloatTensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPooling | None]:
         """CPM-Bee input embeddings with the image features in the `"image"` segment (the original
-        `get_vllm_embedding`), and the features used. `vision_hidden_states` replaces the vision tower."""
+        `get_vllm_embedding`), and the image outputs used (`pooler_output`: the mapped features;
+        `vision_hidden_states` of an earlier call stand in for the vision tower)."""
         if pixel_values is not None and vision_hidden_states is not None:
             raise ValueError("Pass either pixel_values or vision_hidden_states, not both.")
         inputs_embeds = self.language_model.embed_input_ids(input_ids, input_id_subs)
         if pixel_values is not None:
-            vision_hidden_states = self.get_image_features(pixel_values).pooler_output
-        if vision_hidden_states is None:
+            image_outputs = self.get_image_features(pixel_values)
+        elif vision_hidden_states is not None:
+            image_outputs = BaseModelOutputWithPooling(pooler_output=vision_hidden_states)
+        else:
             return inputs_embeds, None
         if image_bound is None:
             raise ValueError("Image features need `image_bound` (from the processor) to find the image segment.")
-        features = vision_hidden_states.to(inputs_embeds.device, inputs_embeds.dtype)
+        features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
         mask = self.get_placeholder_mask(image_bound, inputs_embeds, features)
-        return inputs_embeds.masked_scatter(mask, features), vision_hidden_states
+        return inputs_embeds.masked_scatter(mask, features), image_outputs
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        input_id_subs: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        vision_hidden_states: torch.FloatTensor | None = None,
-        image_bound: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        context: torch.Tensor | None = None,
-        sample_ids: torch.LongTensor | None = None,
-        num_segments: torch.LongTensor | None = None,
-        segment_ids: torch.LongTensor | None = None,
-        segment_rel_offset: torch.LongTensor | None = None,
-        segment_rel: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
+        **kwargs: Unpack[VisCPMChatModelKwargs],
     ) -> VisCPMChatModelOutputWithPast:
         r"""
-        Takes the tensors of [`VisCPMChatProcessor`] (the CPM-Bee structure of DESIGN.md plus `image_bound` and
-        `pixel_values`); `vision_hidden_states` (mapped features of an earlier call) can stand in for `pixel_values`.
+        Takes the tensors of [`VisCPMChatProcessor`] (CPM-Bee's structure plus `image_bound` and `pixel_values`);
+        `vision_hidden_states` (mapped features of an earlier call) can stand in for `pixel_values`.
         `inputs_embeds` are used as given (no image is written into them).
         """
+        image = pop_keys(kwargs, CHAT_KEYS)
+        image_outputs = None
         if inputs_embeds is None:
-            inputs_embeds, vision_hidden_states = self.get_inputs_embeds(
-                input_ids, input_id_subs, image_bound, pixel_values, vision_hidden_states
-            )
-        outputs = self.language_model.cpmbee(
+            inputs_embeds, image_outputs = self.get_inputs_embeds(input_ids, kwargs.get("input_id_subs"), **image)
+        kwargs.pop("input_id_subs", None)
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
-            **_structure_kwargs(
-                position_ids=position_ids,
-                context=context,
-                sample_ids=sample_ids,
-                num_segments=num_segments,
-                segment_ids=segment_ids,
-                segment_rel_offset=segment_rel_offset,
-                segment_rel=segment_rel,
-                attention_mask=attention_mask,
-            ),
             **kwargs,
         )
-        return VisCPMChatModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            vision_hidden_states=vision_hidden_states,
-        )
+        return VisCPMChatModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
 
 class VisCPMChatImageSafetyChecker:
@@ -256,7 +251,7 @@ class UnsafeImageError(ValueError):
     """The configured image safety checker flagged the image given to `chat`."""
 
 
-class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMixin):
+class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenerationMixin):
     """VisCPM-Chat with CPM-Bee's tied output layer: logits over the vocabulary followed by the batch ext table.
 
     Three ways to answer: [`~VisCPMChatForConditionalGeneration.chat`] (the original API and decoding, beam search
@@ -267,9 +262,13 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
     then raises [`UnsafeImageError`] for a flagged image.
     """
 
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.input_embedding.weight"}
+
     def __init__(self, config: VisCPMChatConfig):
         super().__init__(config)
         self.model = VisCPMChatModel(config)
+        text_config = config.get_text_config()
+        self.lm_head = nn.Linear(text_config.dim_model, text_config.vocab_size, bias=False)
         self.image_safety_checker: VisCPMChatImageSafetyChecker | None = None
         self.post_init()
 
@@ -280,7 +279,13 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.model.language_model.get_output_embeddings()
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def embed_input_ids(self, input_ids: torch.Tensor, input_id_subs: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.language_model.embed_input_ids(input_ids, input_id_subs)
 
     def get_image_features(
         self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
@@ -288,104 +293,67 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        input_id_subs: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        vision_hidden_states: torch.FloatTensor | None = None,
-        image_bound: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        context: torch.Tensor | None = None,
-        sample_ids: torch.LongTensor | None = None,
-        num_segments: torch.LongTensor | None = None,
-        segment_ids: torch.LongTensor | None = None,
-        segment_rel_offset: torch.LongTensor | None = None,
-        segment_rel: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        ext_table_ids: torch.LongTensor | None = None,
-        ext_table_sub: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        ext_table_mask: torch.Tensor | None = None,
-        allow_unk: torch.Tensor | None = None,
-        answer_segment_ids: torch.LongTensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
+        **kwargs: Unpack[VisCPMChatCausalLMKwargs],
     ) -> VisCPMChatCausalLMOutputWithPast:
         r"""
         Inputs as [`VisCPMChatModel`], plus `ext_table_ids` / `ext_table_sub` (the batch ext table, whose logits
-        follow the vocabulary's), `labels` and `logits_to_keep` as in [`CpmBeeForCausalLM`]. `ext_table_mask`,
-        `allow_unk` and `answer_segment_ids` are generation inputs of the processor; they do not change the logits
-        and are accepted so that `model(**processor_outputs)` works.
+        follow the vocabulary's), `labels` and `logits_to_keep` as in [`CpmBeeForCausalLM`]. The generation-only
+        inputs of the processor are accepted so that `model(**processor_outputs)` works; they do not change the
+        logits.
         """
-        if inputs_embeds is None:
-            inputs_embeds, vision_hidden_states = self.model.get_inputs_embeds(
-                input_ids, input_id_subs, image_bound, pixel_values, vision_hidden_states
-            )
-        outputs = self.model.language_model(
+        ext_table = pop_keys(kwargs, EXT_TABLE_KEYS)
+        pop_keys(kwargs, GENERATION_KEYS)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
             inputs_embeds=inputs_embeds,
-            ext_table_ids=ext_table_ids,
-            ext_table_sub=ext_table_sub,
             cache=cache,
-            labels=labels,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **_structure_kwargs(
-                position_ids=position_ids,
-                context=context,
-                sample_ids=sample_ids,
-                num_segments=num_segments,
-                segment_ids=segment_ids,
-                segment_rel_offset=segment_rel_offset,
-                segment_rel=segment_rel,
-                attention_mask=attention_mask,
-            ),
             **kwargs,
         )
+        logits, loss = cpmbee_logits_and_loss(
+            self, outputs.last_hidden_state, labels, logits_to_keep, ext_table, kwargs
+        )
         return VisCPMChatCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
+            loss=loss,
+            logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            vision_hidden_states=vision_hidden_states,
+            image_outputs=outputs.image_outputs,
         )
 
     @torch.no_grad()
     def generate(
         self,
         input_ids: torch.LongTensor | None = None,
-        input_id_subs: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        vision_hidden_states: torch.FloatTensor | None = None,
-        image_bound: torch.LongTensor | None = None,
         generation_config: GenerationConfig | None = None,
         **kwargs: Any,
     ) -> torch.LongTensor | Any:
         """transformers `generate` on [`VisCPMChatProcessor`] outputs: the image features are written into the prompt
-        embeddings once, then CPM-Bee's `generate` runs (its step inputs carry the CPM-Bee structure of every
+        embeddings once, then CPM-Bee's generation runs (its step inputs carry the CPM-Bee structure of every
         generated token; ext and `<unk>` ids a prompt cannot produce are masked). Returns what `generate` returns:
         the prompt ids followed by the new tokens, unless `return_dict_in_generate`.
 
         This is stock decoding (greedy, sampling, transformers beam search); for the original's beam search use
         [`~VisCPMChatForConditionalGeneration.chat`].
         """
-        generation_config = copy.deepcopy(
-            generation_config if generation_config is not None else self.generation_config
-        )
-        model_kwargs = generation_config.update(**kwargs)
-        inputs_embeds, _ = self.model.get_inputs_embeds(
-            input_ids, input_id_subs, image_bound, pixel_values, vision_hidden_states
-        )
-        return self.model.language_model.generate(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            input_id_subs=input_id_subs,
-            generation_config=generation_config,
-            **model_kwargs,
+        image = pop_keys(kwargs, CHAT_KEYS)
+        inputs_embeds, _ = self.model.get_inputs_embeds(input_ids, kwargs.get("input_id_subs"), **image)
+        return super().generate(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, generation_config=generation_config, **kwargs
         )
 
     @cached_property
@@ -420,7 +388,9 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         User text is plain text (`<` needs no escaping) and the answer is the real text.
 
         A beam search answer is only known once decoding ends, so a `streamer` (e.g. `TextStreamer(tokenizer)`)
-        receives the answer's tokens then, in one `put`; token-by-token streaming needs greedy `generate()`.
+        receives the answer's tokens then, in one `put`; token-by-token streaming needs greedy `generate()`. A
+        streamer with `decode_kwargs` (`TextStreamer`, `TextIteratorStreamer`) gets this prompt's ext table there
+        (`decode_kwargs["ext_table"]`), so rare characters of the answer decode; the tokenizer is not touched.
         """
         processor = processor if processor is not None else self.default_processor
         if vision_hidden_states is None and image is None:
@@ -439,20 +409,15 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, GenerationMi
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is not None:
             pixel_values = pixel_values.to(self.dtype)
-        inputs_embeds, vision_hidden_states = self.model.get_inputs_embeds(
+        inputs_embeds, image_outputs = self.model.get_inputs_embeds(
             inputs["input_ids"], inputs["input_id_subs"], inputs["image_bound"], pixel_values, vision_hidden_states
         )
-        generation_config = generation_config if generation_config is not None else self.generation_config
-        temperature = getattr(generation_config, BEAM_TEMPERATURE_FIELD, None)
-        if "temperature" not in kwargs and temperature is not None:
-            kwargs["temperature"] = temperature
-        results = cpmbee_beam_search(
-            self.model.language_model, inputs, infos, generation_config, inputs_embeds=inputs_embeds, **kwargs
-        )
+        vision_hidden_states = image_outputs.pooler_output
+        results = cpmbee_beam_search(self, inputs, infos, generation_config, inputs_embeds=inputs_embeds, **kwargs)
         answer = processor.decode_answers(results, infos)[0]
         if streamer is not None:
-            # Streamers decode through the tokenizer's remembered table: make it this prompt's table.
-            processor.tokenizer.last_ext_table = dict(infos[0].ext_table)
+            if isinstance(getattr(streamer, "decode_kwargs", None), dict):
+                streamer.decode_kwargs["ext_table"] = inputs.ext_table
             streamer.put(
                 torch.tensor([token for token, _ in results[0] if token != self.config.text_config.eos_token_id])
             )

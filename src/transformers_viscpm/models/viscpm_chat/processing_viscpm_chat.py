@@ -13,6 +13,10 @@ The chat template renders a conversation (`{"type": "image"}` / `{"type": "text"
 that prompt's text part as JSON, `{"context": ..., "question": ...}`; `__call__` recognises such a rendering and
 encodes it as the structured prompt, so `apply_chat_template(..., tokenize=True)` and the `image-text-to-text`
 pipeline work.
+
+The processor keeps nothing between calls: what decoding needs (each prompt's `CpmBeeSampleInfo`, with the table of
+the ext ids it can generate) comes back with the encoding, as the `sample_infos` / `ext_table` attributes of the
+returned [`VisCPMChatBatchFeature`].
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
 from ..cpmbee.encoding_cpmbee import CpmBeeSampleInfo, encode_structured, image_placeholder
+from ..cpmbee.structure_cpmbee import CHAT_KEYS, INPUT_KEYS
 
 # Previous turns become the original context string; the last user message is the question.
 CHAT_TEMPLATE = (
@@ -51,6 +56,25 @@ CHAT_TEMPLATE = (
     "{{- {'context': ns.context, 'question': ns.question} | tojson -}}"
 )
 _PROMPT_KEYS = {"context", "question"}
+
+
+class VisCPMChatBatchFeature(BatchFeature):
+    """A `BatchFeature` that also carries what decoding needs, as attributes (never model inputs; `.to()` keeps them):
+    `sample_infos`, one `CpmBeeSampleInfo` per prompt, and `ext_table`, the table of what a one-prompt batch
+    generates (None for larger batches: decode row i with `sample_infos[i].ext_table`). See `CpmBeeBatchEncoding`."""
+
+    def __init__(
+        self,
+        data: dict[str, Any] | None = None,
+        tensor_type: Any = None,
+        *,
+        sample_infos: Sequence[CpmBeeSampleInfo] | None = None,
+        ext_table: dict[int, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(data, tensor_type=tensor_type, **kwargs)
+        self.sample_infos = list(sample_infos) if sample_infos is not None else None
+        self.ext_table = ext_table
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -125,9 +149,9 @@ class VisCPMChatProcessor(ProcessorMixin):
         text: str | Sequence[str] | None = None,
         context: str | Sequence[str] | None = None,
         **kwargs: Unpack[ProcessingKwargs],
-    ) -> tuple[BatchFeature, list[CpmBeeSampleInfo]]:
-        """Like `__call__`, and also the per-prompt `CpmBeeSampleInfo` (answer segments, ext table) that CPM-Bee
-        beam search and answer decoding need."""
+    ) -> tuple[VisCPMChatBatchFeature, list[CpmBeeSampleInfo]]:
+        """`__call__`, with the per-prompt `CpmBeeSampleInfo`s (answer segments, ext table) that CPM-Bee beam search
+        and answer decoding need also returned on their own (they are the encoding's `sample_infos` too)."""
         if text is None:
             raise ValueError("VisCPM-Chat needs a question (`text`) for every image")
         merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
@@ -142,7 +166,10 @@ class VisCPMChatProcessor(ProcessorMixin):
                     f"VisCPM-Chat takes one image per prompt: got {len(flat)} images, {len(prompts)} prompts"
                 )
             data.update(self.image_processor(flat, **{**merged["images_kwargs"], "return_tensors": return_tensors}))
-        return BatchFeature(data, tensor_type=return_tensors), infos
+        feature = VisCPMChatBatchFeature(
+            data, tensor_type=return_tensors, sample_infos=infos, ext_table=encoding.ext_table
+        )
+        return feature, infos
 
     def __call__(
         self,
@@ -152,13 +179,14 @@ class VisCPMChatProcessor(ProcessorMixin):
         audio: None = None,
         context: str | Sequence[str] | None = None,
         **kwargs: Unpack[ProcessingKwargs],
-    ) -> BatchFeature:
+    ) -> VisCPMChatBatchFeature:
         """Encode one prompt per question: `text` holds questions (plain text) or chat-template renderings,
         `context` the conversation so far in the original format (`"User: q\\nAI: a\\n"` per turn). Without
         `images` there is no `pixel_values`: pass the model `vision_hidden_states` instead (later turns of a chat).
         Tensors are PyTorch unless `return_tensors` says otherwise.
 
-        Returns the CPM-Bee tensors of `encode_structured` (with `image_bound`) and `pixel_values`.
+        Returns the CPM-Bee tensors of `encode_structured` (with `image_bound`) and `pixel_values`, with the decoding
+        bookkeeping as the `sample_infos` and `ext_table` attributes.
         """
         if videos is not None or audio is not None:
             raise ValueError("VisCPM-Chat takes images and text only")
@@ -172,25 +200,7 @@ class VisCPMChatProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return [
-            "input_ids",
-            "input_id_subs",
-            "position_ids",
-            "context",
-            "sample_ids",
-            "num_segments",
-            "segment_ids",
-            "segment_rel_offset",
-            "segment_rel",
-            "attention_mask",
-            "ext_table_ids",
-            "ext_table_sub",
-            "ext_table_mask",
-            "allow_unk",
-            "answer_segment_ids",
-            "image_bound",
-            "pixel_values",
-        ]
+        return [*INPUT_KEYS, *CHAT_KEYS]
 
 
-__all__ = ["VisCPMChatProcessor", "parse_rendered_prompt"]
+__all__ = ["VisCPMChatBatchFeature", "VisCPMChatProcessor", "parse_rendered_prompt"]

@@ -37,7 +37,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ...models.cpmbee.encoding_cpmbee import PER_TOKEN_KEYS, encode_structured
+from ...models.cpmbee.encoding_cpmbee import encode_structured
+from ...models.cpmbee.structure_cpmbee import PER_TOKEN_KEYS
 from ...models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
 from .text_encoder_viscpm_paint import VisCPMPaintTextEncoder
 
@@ -200,7 +201,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             if negatives:
                 negative_prompt_embeds = encoded[-batch_size:]
 
-        dtype = self.unet.dtype
+        # As stock SD pipelines: the text encoder's dtype, so that prompts encode without a UNet.
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
         if not do_classifier_free_guidance:
             return prompt_embeds, None

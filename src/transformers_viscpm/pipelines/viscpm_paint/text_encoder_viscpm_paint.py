@@ -37,10 +37,11 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.processing_utils import Unpack
 
 from ...models.cpmbee.configuration_cpmbee import CpmBeeConfig
-from ...models.cpmbee.encoding_cpmbee import PER_TOKEN_KEYS
 from ...models.cpmbee.modeling_cpmbee import CpmBeeModel
+from ...models.cpmbee.structure_cpmbee import STOCK_KEYS, STRUCTURE_KEYS, CpmBeeStructureKwargs
 
 __all__ = ["VisCPMPaintTextEncoder", "VisCPMPaintTextEncoderConfig"]
 
@@ -90,7 +91,7 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
     _no_split_modules = ["CpmBeeTransformerBlock"]
     _supports_sdpa = True
     # The CPM-Bee tensors of a structured encoding (DESIGN.md) that `forward` takes.
-    encoder_input_names = (*PER_TOKEN_KEYS, "segment_rel")
+    encoder_input_names = (*STOCK_KEYS, *STRUCTURE_KEYS)
 
     def __init__(self, config: VisCPMPaintTextEncoderConfig) -> None:
         super().__init__(config)
@@ -117,28 +118,16 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        input_id_subs: torch.LongTensor,
-        position_ids: torch.LongTensor,
-        context: torch.Tensor,
-        sample_ids: torch.LongTensor,
-        num_segments: torch.LongTensor,
-        segment_ids: torch.LongTensor,
-        segment_rel_offset: torch.LongTensor,
-        segment_rel: torch.LongTensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **structure: Unpack[CpmBeeStructureKwargs],
     ) -> BaseModelOutput:
         """The full CPM-Bee forward over the (left-padded) encoding, then `trans_block` on every position."""
         hidden_states = self.cpmbee(
             input_ids=input_ids,
-            input_id_subs=input_id_subs,
-            position_ids=position_ids,
-            context=context,
-            sample_ids=sample_ids,
-            num_segments=num_segments,
-            segment_ids=segment_ids,
-            segment_rel_offset=segment_rel_offset,
-            segment_rel=segment_rel,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             use_cache=False,
+            **structure,
         ).last_hidden_state
         return BaseModelOutput(last_hidden_state=self.trans_block(hidden_states))

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from transformers_viscpm.hub import add_to_hub_cache
+from _hub_cache import add_to_hub_cache
 
 REPO_IDS = {
     "cpmbee": "openbmb/cpm-bee-10b",
@@ -51,6 +50,11 @@ HIDE_PLUGIN = textwrap.dedent(
 )
 
 
+def _code_option(remote_code: bool, default: bool = True) -> dict[str, bool]:
+    """Converter keywords for ``remote_code``, left at the converter's default when it is the default."""
+    return {} if remote_code == default else {"remote_code": remote_code}
+
+
 def build_cpmbee(folder: Path, remote_code: bool) -> Path:
     """Convert a seeded tiny original CPM-Bee checkpoint into ``folder/converted``."""
     from transformers_viscpm.conversion.convert_cpmbee import convert_cpmbee
@@ -64,8 +68,8 @@ def build_cpmbee(folder: Path, remote_code: bool) -> Path:
         folder / "cpm-bee-10b.pt",
         folder / "cpm-bee-10b.json",
         folder / "converted",
-        remote_code=remote_code,
         show_progress=False,
+        **_code_option(remote_code),
     )
 
 
@@ -84,8 +88,8 @@ def build_viscpm_chat(folder: Path, remote_code: bool) -> Path:
         folder / "converted",
         llm_config=llm_config,
         vision_config=TINY_CHAT_VISION,
-        remote_code=remote_code,
         show_progress=False,
+        **_code_option(remote_code),
     )
 
 
@@ -103,8 +107,8 @@ def build_viscpm_paint(folder: Path, remote_code: bool) -> Path:
         folder / "sd-base",
         folder / "converted",
         llm_config=TINY_PAINT_CPMBEE,
-        remote_code=remote_code,
         show_progress=False,
+        **_code_option(remote_code, default=False),
     )
 
 
@@ -117,7 +121,7 @@ def converted_repo(tmp_path_factory: pytest.TempPathFactory, kind: str, remote_c
     key = (kind, remote_code)
     if key not in _BUILT:
         folder = tmp_path_factory.mktemp(f"{kind}-{'remote' if remote_code else 'plugin'}")
-        _BUILT[key] = BUILDERS[kind](folder, remote_code)  # the converters' own `--remote-code` path
+        _BUILT[key] = BUILDERS[kind](folder, remote_code)
     return _BUILT[key]
 
 
@@ -156,7 +160,13 @@ def run_python(code: str, env: dict[str, str], cwd: Path, hide_plugin: bool = Fa
     """Run ``code`` in a fresh interpreter; it prints one JSON object as its last line, which is returned."""
     source = (HIDE_PLUGIN if hide_plugin else "") + textwrap.dedent(code)
     result = subprocess.run(
-        [sys.executable, "-c", source], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", source],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,  # transformers asks on stdin before running a repo's code: answer no
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from transformers_viscpm.conversion._io import (
     push_folder_to_hub,
     require_kind,
     resolve_output_dtype,
+    verify_checksums,
     verify_safetensors_folder,
     write_model_card,
     write_safetensors_shards,
@@ -259,7 +261,7 @@ def test_check_against_expected_reports_everything_at_once(tmp_path: Path) -> No
     assert message.startswith("o.pt: does not match the configuration")
     assert "unexpected keys: bogus, layers.2.w" in message
     assert "missing keys (named as in the converted model): model.norm.weight" in message
-    assert "key 'layers.1.w' has shape [4, 5], expected [4, 4]" in message
+    assert "shape mismatches: 'layers.1.w' is [4, 5], expected [4, 4]" in message
 
     good = OriginalCheckpoint(_save(tmp_path / "g.pt", _state_dict()))
     check_against_expected(map_keys(good.keys(), RULES), good.specs, _expected(), "g.pt")
@@ -313,7 +315,12 @@ def test_sharded_output_matches_transformers_layout(tmp_path: Path) -> None:
     files = sorted(p.name for p in out.iterdir())
     assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + ["model.safetensors.index.json"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["metadata"] == {"total_parameters": 40 + 16 + 16 + 4, "total_size": 2 * (40 + 16 + 16 + 4)}
+    assert index["metadata"] == {
+        "total_parameters": 40 + 16 + 16 + 4,
+        "total_size": 2 * (40 + 16 + 16 + 4),
+        "sha256": {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in files[:3]},
+    }
+    assert verify_checksums(out) == [out / name for name in files[:3]]
     assert index["weight_map"] == {
         "model.blocks.0.weight": "model-00001-of-00003.safetensors",
         "model.blocks.1.weight": "model-00003-of-00003.safetensors",
@@ -335,7 +342,13 @@ def test_sharded_output_matches_transformers_layout(tmp_path: Path) -> None:
 
 def test_single_shard_and_verification_catches_tampering(tmp_path: Path) -> None:
     out, written = _convert(tmp_path, torch.float32, max_shard_size="5GB")
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    # the index is written for one shard too: it carries the shard's checksum
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model.safetensors.index.json"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model.safetensors"}
+    assert index["metadata"]["sha256"] == {
+        "model.safetensors": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    }
     sd = load_file(out / "model.safetensors")
     assert torch.equal(sd["model.blocks.0.weight"], _state_dict()["layers.0.w"])
     verify_safetensors_folder(out, written)

@@ -126,7 +126,7 @@ def test_directory_of_shards_and_masked_layers(tmp_path: Path) -> None:
         ({"unet.conv_in.weight": torch.zeros(2)}, r"VisCPM-Paint checkpoint \(it has unet.\* keys\), not a CPM-Bee"),
         (
             {"vpm.beit3.text_embed.weight": torch.zeros(2), "query": torch.zeros(2)},
-            r"VisCPM-Chat checkpoint \(it has query, vpm.\* keys\).*convert_viscpm_chat",
+            r"VisCPM-Chat checkpoint \(it has query, vpm.\* keys\).*convert it with `viscpm convert chat`",
         ),
     ],
 )
@@ -158,12 +158,20 @@ def _broken(sd: dict[str, torch.Tensor], change: str) -> dict[str, torch.Tensor]
     [
         ("missing", {}, r"missing keys \(named as in the converted model\): cpmbee.encoder.layers.1.ffn.ffn.w_out"),
         ("unexpected", {}, r"unexpected keys: encoder.layers.0.self_att.self_attention.project_o.weight"),
-        ("shape", {}, r"key 'encoder.layers.0.ffn.ffn.w_in.w_0.weight' has shape \[33, 16\], expected \[32, 16\]"),
+        (
+            "shape",
+            {},
+            r"shape mismatches: 'encoder.layers.0.ffn.ffn.w_in.w_0.weight' is \[33, 16\], expected \[32, 16\]",
+        ),
         ("dtype", {}, r"key 'encoder.output_layernorm.weight' is stored as torch.int32"),
         ("mixed", {}, r"mixes torch.float16, torch.float32; choose the output dtype explicitly"),
         (None, {"num_layers": 4}, r"the checkpoint has 2 layers but the config has num_layers=4"),
         (None, {"vocab_size": 1000}, r"'input_embedding.weight' has 86583 rows but the config has vocab_size=1000"),
-        (None, {"dim_ff": 64}, r"key 'encoder.layers.0.ffn.ffn.w_in.w_0.weight' has shape \[32, 16\], expected"),
+        (
+            None,
+            {"dim_ff": 64},
+            r"shape mismatches: 'encoder.layers.0.ffn.ffn.w_in.w_0.weight' is \[32, 16\], expected",
+        ),
         (
             None,
             {"num_layers": 2, "mask_modules": [[False, False], [True, False]]},
@@ -235,13 +243,14 @@ def test_cli_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     (tmp_path / "c.json").write_text(json.dumps(_cfg()))
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     assert main(["--checkpoint", str(tmp_path / "x.pt"), "--config", str(tmp_path / "c.json"),
-                 "--output", str(tmp_path / "o")]) == 1  # fmt: skip
+                 "--output", str(tmp_path / "o")]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "x.pt: not a torch.save zip archive" in err
+    assert err.startswith("viscpm convert cpmbee: error: ") and "x.pt: not a torch.save zip archive" in err
+    assert err.count("\n") == 1  # one line
     assert not (tmp_path / "o").exists()
     torch.save(original_cpmbee_state_dict(_cfg(), seed=0), tmp_path / "x.pt")
     assert main(["--checkpoint", str(tmp_path / "x.pt"), "--config", str(tmp_path / "c.json"),
-                 "--output", str(tmp_path / "o"), "--max-shard-size", "lots"]) == 1  # fmt: skip
+                 "--output", str(tmp_path / "o"), "--max-shard-size", "lots"]) == 2  # fmt: skip
     assert "cannot read the size 'lots'" in capsys.readouterr().err
     assert _files(tmp_path) == ["c.json", "x.pt"]
     with pytest.raises(SystemExit):
@@ -254,5 +263,7 @@ def test_script_wrapper_help() -> None:
         [sys.executable, str(ROOT / "conversion" / "convert_cpmbee.py"), "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: viscpm convert cpmbee ")
     for option in ("--checkpoint", "--config", "--output", "--dtype", "--max-shard-size", "--push-to-hub"):
         assert option in result.stdout
+    assert "--no-remote-code" in result.stdout and "--allow-non-finite" in result.stdout

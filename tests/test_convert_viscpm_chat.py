@@ -147,8 +147,9 @@ def test_cli(checkpoint, tmp_path, capsys):
     args += ["--vision-config", json.dumps(TINY_CHAT_VISION), "--quiet"]
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
-    assert main(args) == 1
+    assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
-    assert main([*args[:-3], "--vision-config", '{"hidden_size": 65}', "--overwrite", "--quiet"]) == 1
-    assert "error:" in capsys.readouterr().err
+    assert main([*args[:-3], "--vision-config", '{"hidden_size": 65}', "--overwrite", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("viscpm convert chat: error: ") and err.count("\n") == 1 and "hidden_size" in err

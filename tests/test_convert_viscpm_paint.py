@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from test_pipeline_viscpm_paint import draws_match_float32, generate_case
 
 import transformers_viscpm  # noqa: F401  (registers the pipeline with diffusers)
-from transformers_viscpm.conversion import CheckpointError
+from transformers_viscpm.conversion import CheckpointError, verify_checksums
 from transformers_viscpm.conversion.convert_viscpm_paint import convert_viscpm_paint, main
 from transformers_viscpm.models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
 from transformers_viscpm.pipelines.viscpm_paint import VisCPMPaintPipeline, VisCPMPaintTextEncoder
@@ -95,9 +95,15 @@ def test_layout_configs_and_card(converted: Path, originals: tuple) -> None:
         "unet",
         "vae",
     ]
-    assert _files(converted / "text_encoder") == ["config.json", "model.safetensors"]
+    # each component's index records its shard checksums
+    assert _files(converted / "text_encoder") == ["config.json", "model.safetensors", "model.safetensors.index.json"]
     for component in ("unet", "vae"):
-        assert _files(converted / component) == ["config.json", "diffusion_pytorch_model.safetensors"]
+        assert _files(converted / component) == [
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.safetensors.index.json",
+        ]
+    assert [p.relative_to(converted).parts[0] for p in verify_checksums(converted)] == ["text_encoder", "unet", "vae"]
     assert _files(converted.parent) == ["repo"]  # no temporary folder left behind
     index = json.loads((converted / "model_index.json").read_text())
     assert index["_class_name"] == "VisCPMPaintPipeline"
@@ -222,13 +228,17 @@ def _changed(sd: dict[str, torch.Tensor], change: str) -> dict[str, torch.Tensor
             r"\(unet.\* against .*unet\).*missing keys \(named as in the converted model\): conv_in.bias",
         ),
         ("unexpected", True, r"\(llm.\*, trans_block.\*\).*unexpected keys: trans_block.extra.weight"),
-        ("shape", True, r"key 'unet.conv_out.weight' has shape \[4, 32, 1, 1\], expected \[4, 32, 3, 3\]"),
+        ("shape", True, r"shape mismatches: 'unet.conv_out.weight' is \[4, 32, 1, 1\], expected \[4, 32, 3, 3\]"),
         ("no_projection", True, r"has no 'trans_block.w_out_res.weight'"),
         ("mixed", True, r"mixes torch.float16, torch.float32; choose the output dtype explicitly"),
-        ("chat", True, r"this is a VisCPM-Chat checkpoint \(it has mapping.\*, query keys\).*convert_viscpm_chat"),
-        ("cpmbee", True, r"not a VisCPM-Paint checkpoint \(a plain CPM-Bee one converts with convert_cpmbee\)"),
+        ("chat", True, r"this is a VisCPM-Chat checkpoint \(it has mapping.\*, query keys\).*`viscpm convert chat`"),
+        (
+            "cpmbee",
+            True,
+            r"not a VisCPM-Paint checkpoint \(a plain CPM-Bee one converts with `viscpm convert cpmbee`\)",
+        ),
         (None, False, r"default 10B CPM-Bee config\): the checkpoint has 2 layers but the config has num_layers=48"),
-        (None, {"dim_ff": 96}, r"key 'llm.encoder.layers.0.ffn.ffn.w_in.w_0.weight' has shape \[128, 64\]"),
+        (None, {"dim_ff": 96}, r"shape mismatches: 'llm.encoder.layers.0.ffn.ffn.w_in.w_0.weight' is \[128, 64\]"),
     ],
 )
 def test_bad_checkpoints_raise_one_clear_error(
@@ -279,7 +289,7 @@ def _break_base(base: Path, change: str) -> None:
             "vae_missing_key",
             r"vae/diffusion_pytorch_model.safetensors \(the SD base's VAE\).*missing keys .*: decoder.conv_out.bias",
         ),
-        ("vae_truncated", r"vae/diffusion_pytorch_model.safetensors: not a readable safetensors file"),
+        ("vae_truncated", r"vae/diffusion_pytorch_model.safetensors: not a valid safetensors file \(entry "),
         ("no_unet_config", r"sd-base/unet/config.json: missing"),
         ("no_scheduler", r"sd-base/scheduler/scheduler_config.json: missing"),
         (
@@ -380,13 +390,13 @@ def test_cli_reports_bad_input(originals: tuple, tmp_path: Path, capsys: pytest.
     ckpt, sd_base, llm, _ = originals
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     args = ["--sd-base", str(sd_base), "--llm-config", str(llm), "--output", str(tmp_path / "o"), "--quiet"]
-    assert main(["--checkpoint", str(tmp_path / "x.pt"), *args]) == 1
+    assert main(["--checkpoint", str(tmp_path / "x.pt"), *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "x.pt: not a torch.save zip archive" in err
-    assert main(["--checkpoint", str(tmp_path / "x.pt"), *args, "--max-shard-size", "lots"]) == 1
+    assert err.startswith("viscpm convert paint: error: ") and "x.pt: not a torch.save zip archive" in err
+    assert main(["--checkpoint", str(tmp_path / "x.pt"), *args, "--max-shard-size", "lots"]) == 2
     assert "cannot read the size 'lots'" in capsys.readouterr().err
     assert main(["--checkpoint", str(ckpt), *args[:2], "--llm-config", str(tmp_path / "none.json"),
-                 "--output", str(tmp_path / "o")]) == 1  # fmt: skip
+                 "--output", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "none.json: not a usable original CPM-Bee config" in capsys.readouterr().err
     assert _files(tmp_path) == ["x.pt"]
     with pytest.raises(SystemExit):

@@ -290,3 +290,111 @@ def test_property_shapes_and_fill_back(tokenizer: CpmBeeTokenizer, batch: list[d
                 node = node[part]
             assert node == f"answer {i}"
         assert {k: v for k, v in filled.items() if k != "<ans>"} == {k: v for k, v in data.items() if k != "<ans>"}
+
+
+# --- inputs the encoder cannot represent ---------------------------------------------------------------------------
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    data: dict[str, Any] = {"x": "leaf"}
+    for _ in range(depth - 1):
+        data = {"k": data}
+    return data
+
+
+def test_nesting_bound_and_cycles_are_value_errors(tokenizer: CpmBeeTokenizer) -> None:
+    from transformers_viscpm.models.cpmbee.encoding_cpmbee import MAX_NESTING
+
+    encode_structured(tokenizer, [{**_nested(MAX_NESTING), "<ans>": ""}])  # the deepest accepted
+    for depth in (MAX_NESTING + 1, 2_000, 100_000):
+        with pytest.raises(ValueError, match=f"nested deeper than {MAX_NESTING}"):
+            encode_structured(tokenizer, [{**_nested(depth), "<ans>": ""}])
+    with pytest.raises(ValueError, match="nested deeper"):
+        encode_structured(tokenizer, [{"<ans>": _nested(100_000)}])
+    with pytest.raises(ValueError, match="nested deeper"):
+        encode_structured(tokenizer, [{"q": "x", "<ans>": ""}], in_context_samples=[{**_nested(5_000), "<ans>": "a"}])
+    cyclic: dict[str, Any] = {"q": "x", "<ans>": ""}
+    cyclic["self"] = cyclic
+    inner: dict[str, Any] = {"a": "b"}
+    inner["loop"] = {"back": inner}
+    for data in (cyclic, {"q": inner, "<ans>": ""}, {"q": "x", "<ans>": {"a": inner}}):
+        with pytest.raises(ValueError, match="contains itself"):
+            encode_structured(tokenizer, [data])
+    for not_a_dict in ("hi", ["a"], None):
+        with pytest.raises(TypeError, match="a CPM-Bee prompt must be a dict"):
+            encode_structured(tokenizer, [not_a_dict])
+    shared = {"a": "b"}  # the same dict twice is a tree, not a cycle
+    encode_structured(tokenizer, [{"x": shared, "y": shared, "<ans>": ""}])
+
+
+def test_too_many_segments_is_a_value_error_at_once(tokenizer: CpmBeeTokenizer) -> None:
+    import time
+
+    from transformers_viscpm.models.cpmbee.encoding_cpmbee import MAX_SEGMENTS
+
+    keys = (MAX_SEGMENTS - 3) // 2  # root + keys + leaves + the "<ans>" key and leaf
+    fits = {f"k{i}": "v" for i in range(keys)} | {"<ans>": ""}
+    encoding, _ = encode_structured(tokenizer, [fits], return_tensors="np")
+    assert encoding["num_segments"].max() == MAX_SEGMENTS - 1
+    start = time.perf_counter()
+    for count in (keys + 1, 10_000):
+        with pytest.raises(ValueError, match=f"at most {MAX_SEGMENTS} are supported"):
+            encode_structured(tokenizer, [{f"k{i}": "v" for i in range(count)} | {"<ans>": ""}])
+    assert time.perf_counter() - start < 30  # was > 150 s for 10,000 keys
+
+
+def test_truncation_by_max_length_warns(tokenizer: CpmBeeTokenizer) -> None:
+    data = {"<ans>": "", "input": "长文本 " * 2_000}
+    with pytest.warns(UserWarning, match=r"max_length=48 cuts the CPM-Bee prompt from \d+ tokens to 48"):
+        encoding, _ = encode_structured(tokenizer, [data], max_length=48)
+    assert encoding["input_ids"].shape[1] <= 48
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_structured(tokenizer, [{"input": "short", "<ans>": ""}], max_length=48)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_length must be a positive int"):
+            encode_structured(tokenizer, [data], max_length=bad)
+
+
+def _reference_relations(data: dict[str, Any]) -> list[int]:
+    """The original's pairwise loop (`_segment_relations` before vectorising), as the oracle."""
+    paths: list[tuple[int, ...]] = [(0,)]
+
+    def visit(value: Any, parent: tuple[int, ...]) -> None:
+        if isinstance(value, dict):
+            for child in value.values():
+                path = (*parent, len(paths))
+                paths.append(path)
+                visit(child, path)
+        else:
+            paths.append((*parent, len(paths)))
+
+    visit(data, (0,))
+    n = len(paths)
+    rel = [0] * (n * n)
+    for a in range(n):
+        for b in range(n):
+            common = 0
+            for x, y in zip(paths[a], paths[b]):
+                if x != y:
+                    break
+                common += 1
+            bucket = min(len(paths[a]) - common, 7) * 8 + min(len(paths[b]) - common, 7)
+            rel[a * n + b] = bucket + 1 if bucket else 0
+    return rel
+
+
+_deep_tree = st.recursive(
+    st.just(""), lambda kids: st.dictionaries(st.sampled_from("abcd"), kids, min_size=1, max_size=3), max_leaves=12
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["p", "q", "r"]), _deep_tree, max_size=3), _deep_tree)
+def test_property_vectorised_relations_equal_the_pairwise_rule(tokenizer: CpmBeeTokenizer, data, answer) -> None:
+    data = {**data, "<ans>": answer}
+    encoding, _ = encode_structured(tokenizer, [data], return_tensors="np")
+    expected = _reference_relations(data)
+    assert encoding["segment_rel"][0, : len(expected)].tolist() == expected

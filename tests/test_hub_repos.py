@@ -8,11 +8,11 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from _hub_cache import parse_model_card, python_snippets
 from _repos import REPO_IDS, converted_repo, hub_cache, offline_env, run_python
 from huggingface_hub import scan_cache_dir
 
 from transformers_viscpm.conversion.convert_cpmbee import main as convert_cpmbee_main
-from transformers_viscpm.hub import parse_model_card, python_snippets
 
 
 def test_cache_layout_is_huggingface_hubs(tmp_path_factory: pytest.TempPathFactory) -> None:

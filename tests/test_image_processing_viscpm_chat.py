@@ -137,3 +137,132 @@ def test_conversion_can_be_refused(processor, images):
         processor(np.array(images["rgba_300x200"]), do_convert_rgb=False)
     rgb = processor(images["rgb_224x224"], do_convert_rgb=False, return_tensors="pt")["pixel_values"]
     assert torch.equal(rgb, pixels(processor, images["rgb_224x224"]))
+
+
+# --- every input kind, the same pixels ---------------------------------------------------------------------------
+
+ORIENTATIONS = (1, 3, 6, 8)  # upright, rotated 180, 90 and 270 degrees
+
+
+def exif_photo(tmp_path: Path, orientation: int, suffix: str = ".jpg") -> Path:
+    """A non-square photo whose EXIF tag says how to turn it upright (as phones save them)."""
+    rng = np.random.default_rng(orientation)
+    image = Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo-{orientation}{suffix}"
+    image.save(path, exif=exif.tobytes())
+    return path
+
+
+class _Server:
+    """A local HTTP server: `/photo` serves `body`, `/missing` is a 404, `/stall` never answers."""
+
+    def __init__(self, body: bytes):
+        import http.server
+        import threading
+
+        release = self.release = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/stall":
+                    release.wait(30)
+                    return
+                found = self.path == "/photo"
+                self.send_response(200 if found else 404)
+                self.end_headers()
+                self.wfile.write(body if found else b"no")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_paths_urls_pil_and_arrays_give_the_same_pixels(processor, tmp_path, orientation, suffix):
+    """The original opens files with PIL and never reads EXIF: by default no input kind is rotated."""
+    path = exif_photo(tmp_path, orientation, suffix)
+    with Image.open(path) as opened:
+        opened.load()
+        reference = pixels(processor, opened)
+        as_array = pixels(processor, np.array(opened))
+        upright = Image.open(path)
+        from PIL import ImageOps
+
+        upright = ImageOps.exif_transpose(upright)
+    server = _Server(path.read_bytes())
+    try:
+        kinds = {
+            "path": pixels(processor, str(path)),
+            "url": pixels(processor, f"{server.url}/photo"),
+            "data uri": pixels(
+                processor, "data:image/jpeg;base64," + __import__("base64").b64encode(path.read_bytes()).decode()
+            ),
+            "array": as_array,
+        }
+        rotating = VisCPMChatImageProcessor(apply_exif_orientation=True)
+        rotated = {
+            "path": pixels(rotating, str(path)),
+            "url": pixels(rotating, f"{server.url}/photo"),
+            "pil": pixels(rotating, Image.open(path)),
+        }
+    finally:
+        server.close()
+    for kind, value in kinds.items():
+        assert torch.equal(value, reference), kind
+    for kind, value in rotated.items():
+        assert torch.equal(value, pixels(processor, upright)), kind
+    assert torch.equal(rotated["path"], reference) == (orientation == 1)
+
+
+def test_exif_option_round_trips(tmp_path):
+    VisCPMChatImageProcessor(apply_exif_orientation=True, url_timeout=2.5).save_pretrained(tmp_path)
+    loaded = VisCPMChatImageProcessor.from_pretrained(tmp_path)
+    assert loaded.apply_exif_orientation is True and loaded.url_timeout == 2.5
+    assert VisCPMChatImageProcessor().apply_exif_orientation is False
+
+
+def test_unreachable_and_stalled_urls_are_one_clear_error(tmp_path):
+    import time
+
+    server = _Server(b"not an image")
+    processor = VisCPMChatImageProcessor(url_timeout=0.5)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match="timed out after 0.5 s"):
+            processor(f"{server.url}/stall")
+        assert time.perf_counter() - start < 10
+        with pytest.raises(ValueError, match="Cannot fetch the image .*404"):
+            processor(f"{server.url}/missing")
+        with pytest.raises(ValueError, match="Cannot read the image"):
+            processor(f"{server.url}/photo")
+    finally:
+        server.close()
+    with pytest.raises(ValueError, match="Image not found"):
+        processor(str(tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match="Cannot decode the image data URI"):
+        processor("data:image/png;base64,@@@")
+    with pytest.raises(ValueError, match="Cannot read the image"):
+        (tmp_path / "fake.png").write_bytes(b"\x89PNG garbage")
+        processor(str(tmp_path / "fake.png"))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_are_refused(processor, value):
+    array = np.full((8, 8, 3), 0.5, np.float32)
+    array[3, 4, 1] = value
+    for bad in (array, torch.from_numpy(array), torch.from_numpy(array).permute(2, 0, 1)):
+        with pytest.raises(ValueError, match="finite"):
+            processor(bad, return_tensors="pt")

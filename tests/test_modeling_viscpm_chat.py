@@ -326,3 +326,18 @@ def test_chat_streams_the_answer(model, image):
     assert streamer.decode_kwargs["ext_table"] == processor.encode(images=image, text=question)[1][0].ext_table
     assert "😀" in streamer.decode_kwargs["ext_table"].values()
     assert not hasattr(processor.tokenizer, "last_ext_table")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_pixels_or_features_are_one_clear_error(model, image, value):
+    processor = model.default_processor
+    inputs = processor(images=[image], text=["What is it?"], return_tensors="pt")
+    bad_pixels = inputs["pixel_values"].clone()
+    bad_pixels[0, 0, 0, 0] = value
+    with pytest.raises(ValueError, match="`pixel_values` contain NaN or infinite"):
+        model(**{**inputs, "pixel_values": bad_pixels})
+    _, _, vision_hidden_states = model.chat(image, "What is it?", max_new_tokens=2)
+    bad_states = vision_hidden_states.clone()
+    bad_states[0, 1, 2] = value
+    with pytest.raises(ValueError, match="`vision_hidden_states` contain NaN or infinite"):
+        model.chat(None, "And now?", vision_hidden_states=bad_states, max_new_tokens=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -517,3 +518,89 @@ def test_text_encoder_save_load(tmp_path: Path) -> None:
     # LayerNorm output: zero mean over the projection width at every position, padding included.
     assert float(got.mean(dim=-1).abs().max()) < 1e-5
     assert math.isfinite(float(got.abs().sum()))
+
+
+# --- bad arguments and batch invariance ------------------------------------------------------------------------
+
+
+def test_a_prompt_draws_the_same_image_alone_and_in_a_batch_with_a_longer_prompt(pipe: VisCPMPaintPipeline) -> None:
+    """Batching pads prompts to one length; that padding is masked, so it never changes a prompt's image."""
+    short, long = "a red car", "一只可爱的猫，油画风格，" * 6 + " in the snow at night under the moon"
+    alone = generate(pipe, short, generator=[torch.Generator().manual_seed(7)]).images
+    batch = generate(pipe, [short, long], generator=[torch.Generator().manual_seed(s) for s in (7, 8)]).images
+    long_alone = generate(pipe, long, generator=[torch.Generator().manual_seed(8)]).images
+    assert max_diff(batch[0], alone[0]) < 1e-5
+    assert max_diff(batch[1], long_alone[0]) < 1e-5
+    # Without guidance and with a negative list too.
+    kwargs = {"guidance_scale": 1.0}
+    alone = generate(pipe, short, generator=[torch.Generator().manual_seed(7)], **kwargs).images
+    batch = generate(pipe, [short, long], generator=[torch.Generator().manual_seed(s) for s in (7, 8)], **kwargs)
+    assert max_diff(batch.images[0], alone[0]) < 1e-5
+    negatives = ["模糊", "blurry, low quality, " * 5]
+    alone = generate(pipe, short, negative_prompt=negatives[0], generator=[torch.Generator().manual_seed(7)]).images
+    batch = generate(
+        pipe, [short, long], negative_prompt=negatives, generator=[torch.Generator().manual_seed(s) for s in (7, 8)]
+    ).images
+    assert max_diff(batch[0], alone[0]) < 1e-5
+    with torch.no_grad():
+        embeds, negative_embeds, mask = pipe.encode_prompt([short, long], "cpu", 1, True, return_attention_mask=True)
+    assert embeds.shape == negative_embeds.shape and mask.shape == embeds.shape[:2]
+    assert mask[1].all() and not mask[0].all() and float(embeds[0][mask[0] == 0].abs().max()) == 0.0
+
+
+LATENT = (1, 4, SIZE // 2, SIZE // 2)
+BAD_ARGUMENTS = [
+    ({"prompt": []}, "`prompt` is an empty list"),
+    ({"prompt": ["ok", 3]}, "`prompt` has to be"),
+    ({"negative_prompt": 5}, "`negative_prompt` has to be"),
+    ({"num_images_per_prompt": 0}, "`num_images_per_prompt`"),
+    ({"num_images_per_prompt": -1}, "`num_images_per_prompt`"),
+    ({"num_images_per_prompt": 1.5}, "`num_images_per_prompt`"),
+    ({"num_inference_steps": 0}, "`num_inference_steps`"),
+    ({"num_inference_steps": -3}, "`num_inference_steps`"),
+    ({"height": 0}, "`height`"),
+    ({"height": -32}, "`height`"),
+    ({"width": 32.0}, "`width`"),
+    ({"height": "32"}, "`height`"),
+    ({"width": True}, "`width`"),
+    ({"height": 33}, "divisible"),
+    ({"latents": torch.zeros(2, 4, SIZE // 2, SIZE // 2)}, "`latents` must have shape"),
+    ({"latents": torch.zeros(1, 3, SIZE // 2, SIZE // 2)}, "`latents` must have shape"),
+    ({"latents": torch.zeros(1, 4, 8, 8)}, "`latents` must have shape"),
+    ({"latents": torch.zeros(4, SIZE // 2, SIZE // 2)}, "`latents` must be a 4-D"),
+    ({"latents": torch.zeros(LATENT, dtype=torch.long)}, "`latents` must be a floating-point"),
+    ({"latents": torch.full(LATENT, float("nan"))}, "`latents` contains NaN"),
+    ({"latents": torch.full(LATENT, float("inf"))}, "`latents` contains NaN"),
+    ({"guidance_scale": float("nan")}, "`guidance_scale` must be finite"),
+    ({"guidance_scale": float("inf")}, "`guidance_scale` must be finite"),
+    ({"guidance_scale": "7.5"}, "`guidance_scale` must be a number"),
+    ({"output_type": "bogus"}, "`output_type` must be one of"),
+    ({"num_rerank_candidates": 0}, "`num_rerank_candidates`"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_ARGUMENTS, ids=[str(i) for i in range(len(BAD_ARGUMENTS))])
+def test_bad_arguments_are_one_clear_value_error(pipe: VisCPMPaintPipeline, kwargs: dict, message: str) -> None:
+    calls: list[int] = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            generate(pipe, **{"prompt": "一只猫", "num_inference_steps": 1, **kwargs})
+    finally:
+        hook.remove()
+    if "latents" not in kwargs or "shape" not in message:
+        assert calls == []  # rejected before any model ran
+
+
+def test_bad_precomputed_embeddings_are_rejected(pipe: VisCPMPaintPipeline) -> None:
+    with torch.no_grad():
+        embeds, negative = pipe.encode_prompt("一只猫", "cpu", 1, True)
+    for bad, name in ((embeds.clone().fill_(float("nan")), "prompt_embeds"), (embeds[0], "prompt_embeds")):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            generate(pipe, None, prompt_embeds=bad, negative_prompt_embeds=negative)
+    with pytest.raises(ValueError, match="`negative_prompt_embeds` contains NaN"):
+        generate(pipe, None, prompt_embeds=embeds, negative_prompt_embeds=negative * float("inf"))
+    # Floating latents of another precision are cast to the pipeline's dtype, as the drawn ones are.
+    latents = torch.randn(LATENT, generator=torch.Generator().manual_seed(SEED))
+    as_double = generate(pipe, latents=latents.double(), num_inference_steps=1).images
+    assert max_diff(as_double, generate(pipe, latents=latents, num_inference_steps=1).images) < 1e-6

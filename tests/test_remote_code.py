@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,7 @@ def test_exported_transformers_repo(tmp_path_factory: pytest.TempPathFactory, ki
             "generation_cpmbee",
             "tokenization_cpmbee",
             "encoding_cpmbee",
+            "quantization",
             "structure_cpmbee",
         }
     else:
@@ -232,3 +234,73 @@ def test_remote_code_without_the_plugin_matches_the_plugin(
     for key, value in plugin_tensors.items():
         assert torch.equal(remote_tensors[key], value), key
     assert remote.get("answer") == plugin.get("answer")
+
+
+# Appended to every Python file of a copied repo: running the file leaves a mark named after it.
+_MARK = (
+    "\nimport os as _os\nopen(_os.path.join(_os.environ['REPO_CODE_RAN'], _os.path.basename(__file__)), 'w').close()\n"
+)
+
+REFUSALS = """
+import json, os
+from diffusers import DiffusionPipeline
+from transformers import (
+    AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+    AutoTokenizer,
+)
+
+autos = {
+    "cpmbee": [AutoConfig, AutoTokenizer, AutoModel, AutoModelForCausalLM],
+    "viscpm_chat": [AutoConfig, AutoTokenizer, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoImageProcessor],
+    "viscpm_paint": [DiffusionPipeline],
+}
+refusals, loaded = {}, {}
+for kind, classes in autos.items():
+    refusals[kind] = []
+    for auto in classes:
+        try:
+            auto.from_pretrained(REPOS[kind])
+        except ValueError as err:
+            refusals[kind].append("trust_remote_code=True" in str(err))
+        else:
+            refusals[kind].append(False)
+ran_untrusted = sorted(os.listdir(os.environ["REPO_CODE_RAN"]))
+# the control: trusted, the same repos do run their code, and the marks appear
+loaded["cpmbee"] = type(AutoConfig.from_pretrained(REPOS["cpmbee"], trust_remote_code=True)).__name__
+loaded["viscpm_chat"] = type(AutoProcessor.from_pretrained(REPOS["viscpm_chat"], trust_remote_code=True)).__name__
+loaded["viscpm_paint"] = type(DiffusionPipeline.from_pretrained(REPOS["viscpm_paint"], trust_remote_code=True)).__name__
+print()  # after transformers' unanswered "[y/N]" prompts
+print(json.dumps({"refusals": refusals, "ran_untrusted": ran_untrusted, "loaded": loaded,
+                  "ran_trusted": sorted(os.listdir(os.environ["REPO_CODE_RAN"]))}))
+"""
+
+
+def test_without_trust_remote_code_no_repo_code_runs(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """Where the plugin is absent, every loader refuses a repo that ships code until trust_remote_code=True."""
+    repos = {}
+    for kind in REPO_IDS:
+        repos[kind] = Path(shutil.copytree(converted_repo(tmp_path_factory, kind, remote_code=True), tmp_path / kind))
+        for path in repos[kind].rglob("*.py"):
+            path.write_text(path.read_text(encoding="utf-8") + _MARK, encoding="utf-8")
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    env = offline_env(tmp_path / "empty-cache", tmp_path / "modules") | {"REPO_CODE_RAN": str(ran)}
+    code = f"REPOS = { ({k: str(v) for k, v in repos.items()})!r}\n" + REFUSALS
+    result = run_python(code, env, tmp_path, hide_plugin=True)
+    assert result["refusals"] == {"cpmbee": [True] * 4, "viscpm_chat": [True] * 6, "viscpm_paint": [True]}
+    assert result["ran_untrusted"] == []
+    assert result["loaded"] == {
+        "cpmbee": "CpmBeeConfig",
+        "viscpm_chat": "VisCPMChatProcessor",
+        "viscpm_paint": "VisCPMPaintPipeline",
+    }
+    assert {"configuration_cpmbee.py", "processing_viscpm_chat.py", "pipeline_viscpm_paint.py"} <= set(
+        result["ran_trusted"]
+    )
+
+
+def test_converters_ship_the_code_by_default(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # _repos builds the remote-code transformers repos with the converters' defaults, the Paint one with remote_code
+    for kind in ("cpmbee", "viscpm_chat"):
+        assert has_remote_code(converted_repo(tmp_path_factory, kind, remote_code=True))
+    assert not has_remote_code(converted_repo(tmp_path_factory, "viscpm_paint", remote_code=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +31,12 @@ def _verify(python: str, *args: str, env: dict | None = None) -> subprocess.Comp
 def test_reports_the_converted_outputs_without_the_original(
     tmp_path_factory: pytest.TempPathFactory, kind: str, flag: str, output: str
 ) -> None:
-    repo = converted_repo(tmp_path_factory, kind, remote_code=kind == "viscpm_paint")
+    repo = converted_repo(tmp_path_factory, kind, remote_code=True)
     result = _verify(sys.executable, "--original", "unused.pt", "--converted", str(repo), "--kind", flag, "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["kind"] == kind and report["output"] == output
+    assert report["shards_verified"] == (1 if kind == "cpmbee" else 3)  # Paint: text encoder, UNet, VAE
     assert report["original"] == "the VisCPM package is not importable" and report["max_abs_diff"] is None
     assert len(report["sha256"]) == 64 and report["abs_max"] > 0
     if kind == "cpmbee":
@@ -43,6 +45,39 @@ def test_reports_the_converted_outputs_without_the_original(
         assert report["shape"] == [1, 3, 32, 32] and 0 <= report["abs_max"] <= 1
     again = _verify(sys.executable, "--original", "x", "--converted", str(repo), "--kind", flag, "--json")
     assert json.loads(again.stdout)["sha256"] == report["sha256"]  # a fixed input gives fixed numbers
+
+
+# Appended to the repo's shipped code: importing it leaves a mark.
+_MARK = "\nopen(__import__('os').environ['REPO_CODE_RAN'], 'w').close()\n"
+
+
+def test_runs_the_repos_own_code_only_when_trusted(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    repo = Path(shutil.copytree(converted_repo(tmp_path_factory, "cpmbee", remote_code=True), tmp_path / "repo"))
+    for path in repo.glob("*.py"):
+        path.write_text(path.read_text(encoding="utf-8") + _MARK, encoding="utf-8")
+    mark = tmp_path / "ran"
+    env = {**os.environ, "REPO_CODE_RAN": str(mark), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    args = ["--original", "x", "--converted", str(repo), "--kind", "cpmbee", "--json"]
+    plain = _verify(sys.executable, *args, env=env)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert not mark.exists()  # the plugin's classes ran, never the repo's files
+    trusted = _verify(sys.executable, *args, "--trust-remote-code", env=env)
+    assert trusted.returncode == 0, trusted.stderr[-3000:]
+    assert mark.exists()
+    assert json.loads(trusted.stdout)["sha256"] == json.loads(plain.stdout)["sha256"]  # the shipped code agrees
+
+
+def test_a_corrupt_shard_fails_verification(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    repo = Path(shutil.copytree(converted_repo(tmp_path_factory, "cpmbee", remote_code=False), tmp_path / "repo"))
+    shard = repo / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40
+    shard.write_bytes(bytes(data))
+    result = _verify(sys.executable, "--original", "x", "--converted", str(repo), "--kind", "cpmbee")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"verify: error: {shard}: its SHA-256 differs from the one model.safetensors.index.json records; it is corrupt"
+    )
 
 
 needs_reference = pytest.mark.skipif(

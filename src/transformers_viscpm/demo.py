@@ -66,17 +66,23 @@ def _cpmbee(originals: Path, repos: Path, device: str) -> None:
     print(f"   prompt: {CPMBEE_PROMPT}\n   answer: {filled['<ans>']!r}")
 
 
-def _chat(originals: Path, repos: Path, output: Path, device: str) -> None:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+def build_chat_repo(originals: Path, repos: Path, eos_scale: float = 6.0) -> Path:
+    """A tiny random original VisCPM-Chat checkpoint in `originals`, converted into `repos/VisCPM-Chat-tiny`
+    (`eos_scale`: how soon its answers end, see `original_chat_state_dict`)."""
     from .conversion import convert_viscpm_chat
     from .synthetic.chat import TINY_CHAT_VISION, original_chat_state_dict, tiny_chat_llm_config
 
-    state_dict = original_chat_state_dict(include_mim_head=False, eos_scale=6.0)
+    state_dict = original_chat_state_dict(include_mim_head=False, eos_scale=eos_scale)
     checkpoint = _save_original(state_dict, originals / "viscpm_chat_tiny_checkpoint.pt")
-    repo = convert_viscpm_chat(
+    return convert_viscpm_chat(
         checkpoint, repos / "VisCPM-Chat-tiny", llm_config=tiny_chat_llm_config(), vision_config=TINY_CHAT_VISION
     )
+
+
+def _chat(originals: Path, repos: Path, output: Path, device: str) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    repo = build_chat_repo(originals, repos)
     processor = AutoProcessor.from_pretrained(repo)
     model = AutoModelForImageTextToText.from_pretrained(repo).to(device).eval()
     print(f"   loaded {type(model).__name__} from {repo}")
@@ -97,18 +103,24 @@ def _chat(originals: Path, repos: Path, output: Path, device: str) -> None:
     print("   (the second turn reused the first turn's vision features)")
 
 
-def _paint(originals: Path, repos: Path, output: Path, device: str) -> None:
-    from diffusers import DiffusionPipeline
-
+def build_paint_repo(originals: Path, repos: Path) -> Path:
+    """A tiny random original VisCPM-Paint checkpoint and SD-2.1 base in `originals`, converted into
+    `repos/VisCPM-Paint-tiny`."""
     from .conversion import convert_viscpm_paint
     from .synthetic.paint import TINY_PAINT_CPMBEE, original_paint_state_dict, write_sd_base
 
     checkpoint = _save_original(original_paint_state_dict(), originals / "viscpm_paint_tiny_checkpoint.pt")
     sd_base = originals / "stable-diffusion-2-1-base-tiny"
     write_sd_base(sd_base)
-    repo = convert_viscpm_paint(
+    return convert_viscpm_paint(
         checkpoint, sd_base, repos / "VisCPM-Paint-tiny", llm_config=TINY_PAINT_CPMBEE, overwrite=True
     )
+
+
+def _paint(originals: Path, repos: Path, output: Path, device: str) -> None:
+    from diffusers import DiffusionPipeline
+
+    repo = build_paint_repo(originals, repos)
     pipe = DiffusionPipeline.from_pretrained(repo).to(device)
     print(f"   loaded {type(pipe).__name__} from {repo}")
     generator = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 
 from collections.abc import Callable, Sequence
 
-from ._io import CheckpointError
+from ._io import CheckpointError, verify_checksums
 from .convert_cpmbee import convert_cpmbee
 from .convert_cpmbee import main as _cpmbee_main
 from .convert_viscpm_chat import convert_viscpm_chat
@@ -17,4 +17,11 @@ CONVERTER_MAINS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "paint": _paint_main,
 }
 
-__all__ = ["CONVERTER_MAINS", "CheckpointError", "convert_cpmbee", "convert_viscpm_chat", "convert_viscpm_paint"]
+__all__ = [
+    "CONVERTER_MAINS",
+    "CheckpointError",
+    "convert_cpmbee",
+    "convert_viscpm_chat",
+    "convert_viscpm_paint",
+    "verify_checksums",
+]

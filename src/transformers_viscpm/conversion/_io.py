@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
+import hashlib
 import json
 import logging
 import mmap
@@ -19,11 +21,14 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import string
 import struct
 import sys
+import threading
 import uuid
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +56,7 @@ _SAFETENSORS_DTYPES = {
     torch.int32: "I32",
     torch.bool: "BOOL",
 }
+_FROM_SAFETENSORS = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 # The pickle that torch's legacy (pre-zip) format starts with: protocol 2, then the magic number as a LONG1.
 _LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
@@ -60,6 +66,15 @@ KIND_SIGNATURES: dict[str, tuple[str, ...]] = {
     "viscpm_chat": ("vpm.", "query", "mapping."),
 }
 KIND_NAMES = {"cpmbee": "CPM-Bee", "viscpm_chat": "VisCPM-Chat", "viscpm_paint": "VisCPM-Paint"}
+# How `viscpm convert` names each converter.
+CLI_KINDS = {"cpmbee": "cpmbee", "viscpm_chat": "chat", "viscpm_paint": "paint"}
+# The converters' progress goes to this logger; a converter CLI prints INFO records unless --quiet.
+logger = logging.getLogger(__name__)
+
+
+def converter_command(kind: str) -> str:
+    """The command that converts ``kind`` (``cpmbee``/``viscpm_chat``/``viscpm_paint``), for help and messages."""
+    return f"viscpm convert {CLI_KINDS[kind]}"
 
 
 class CheckpointError(ValueError):
@@ -112,32 +127,78 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def read_safetensors_header(path: Path, data: bytes | mmap.mmap) -> tuple[dict[str, dict[str, Any]], int]:
+    """The tensor entries of a safetensors file's header and where its data starts, every field checked.
+
+    A header that is not what the format prescribes (a JSON object of ``{"dtype", "shape", "data_offsets"}`` entries
+    whose offsets lie inside the file and match the shape) is a :class:`CheckpointError` naming the file.
+    """
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid safetensors file ({problem})")
+
+    if len(data) < 8:
+        raise bad("shorter than its 8-byte header length")
+    (header_size,) = struct.unpack("<Q", data[:8])
+    if header_size > len(data) - 8:
+        raise bad(f"the header length {header_size} runs past the end of the file")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_size]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad(f"the header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    data_size = len(data) - 8 - header_size
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"entry {name!r} is not a {{dtype, shape, data_offsets}} object")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _FROM_SAFETENSORS:
+            raise bad(f"entry {name!r} has the unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"entry {name!r} has the shape {shape!r}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise bad(f"entry {name!r} has data_offsets {offsets!r}, not two integers")
+        begin, end = offsets
+        nbytes = TensorSpec(tuple(shape), _FROM_SAFETENSORS[dtype]).nbytes
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise bad(f"entry {name!r} has data_offsets {offsets} for {nbytes} bytes in a {data_size}-byte data area")
+        entries[name] = info
+    return entries, 8 + header_size
+
+
 def _open_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A ``.safetensors`` file's tensors as zero-copy views of a private mmap, as ``torch.load(mmap=True)`` gives."""
-    to_torch = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
     try:
         with open(path, "rb") as f:
             # Copy-on-write, so that torch accepts the buffer; nothing is ever written to it.
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        (header_size,) = struct.unpack("<Q", mapped[:8])
-        header = json.loads(mapped[8 : 8 + header_size])
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = to_torch[info["dtype"]]
-            begin, end = info["data_offsets"]
-            count = (end - begin) // dtype.itemsize
-            offset = 8 + header_size + begin
-            flat = (
-                torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset)
-                if count
-                else torch.empty(0, dtype=dtype)
-            )
-            tensors[name] = flat.view(info["shape"])
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from e
+    entries, data_start = read_safetensors_header(path, mapped)
+    tensors = {}
+    for name, info in entries.items():
+        dtype = _FROM_SAFETENSORS[info["dtype"]]
+        begin, end = info["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        flat = (
+            torch.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        tensors[name] = flat.view(info["shape"])
     return tensors
+
+
+def _is_zip(path: Path) -> bool:
+    """Whether ``path`` looks like a zip; one whose end records are damaged counts (its reading then says why)."""
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:
+        return True
 
 
 def _open_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -146,7 +207,7 @@ def _open_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         return _open_safetensors(path)
-    if not zipfile.is_zipfile(path):
+    if not _is_zip(path):
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
         if head == _LEGACY_MAGIC:
@@ -163,7 +224,7 @@ def _open_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: holds objects other than tensors and plain containers; refusing to unpickle it (weights_only "
             f"load failed: {first})"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # whatever a damaged archive makes torch's reader raise
         raise CheckpointError(f"{path}: cannot be read, the file is truncated or corrupt ({e})") from e
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: not a state dict (it holds a {type(loaded).__name__})")
@@ -177,6 +238,115 @@ def _open_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+@dataclass(frozen=True)
+class ZipRecord:
+    """One storage record (``<archive>/data/<key>``) of a torch.save zip, as its central directory describes it."""
+
+    name: str
+    offset: int  # where its bytes start in the file
+    size: int
+    crc32: int
+
+
+def zip_records(path: Path) -> dict[int, ZipRecord]:
+    """The storage records of a torch.save zip by data offset; a corrupt directory is a :class:`CheckpointError`.
+
+    torch's reader checks no CRC-32. The other records (the pickle above all) are small and checked here; the
+    storage records are checked by :class:`OriginalCheckpoint` as it streams each tensor.
+    """
+    records = {}
+    try:
+        file_size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+            for info in archive.infolist():
+                if info.filename.rpartition("/")[0].rpartition("/")[2] != "data":
+                    archive.read(info)  # the pickle and the small records: zipfile checks their CRC-32 on reading
+                    continue
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(f"{path}: record {info.filename} is compressed, which torch.save never does")
+                f.seek(info.header_offset)
+                local = f.read(30)
+                if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                    raise CheckpointError(f"{path}: the zip directory points at no local header for {info.filename}")
+                name_size, extra_size = struct.unpack("<HH", local[26:30])
+                offset = info.header_offset + 30 + name_size + extra_size
+                if offset + info.file_size > file_size:
+                    raise CheckpointError(f"{path}: record {info.filename} runs past the end of the file (truncated)")
+                records[offset] = ZipRecord(info.filename, offset, info.file_size, info.CRC)
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        struct.error,
+        EOFError,
+        zlib.error,
+    ) as e:
+        raise CheckpointError(f"{path}: the zip archive is corrupt ({e})") from e
+    return records
+
+
+def _check_record_by_reading(path: Path, record: ZipRecord) -> None:
+    """Check one record's CRC-32 with plain reads (for storages that no single tensor covers exactly)."""
+    crc, left = 0, record.size
+    with open(path, "rb") as f:
+        f.seek(record.offset)
+        while left:
+            chunk = f.read(min(left, CHUNK_BYTES))
+            if not chunk:
+                raise CheckpointError(f"{path}: record {record.name} is truncated")
+            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    if crc != record.crc32:
+        raise CheckpointError(f"{path}: record {record.name} fails its CRC-32 check; the file is corrupt")
+
+
+def _crc_plan(
+    path: Path, loaded: Mapping[str, torch.Tensor], records: Mapping[int, ZipRecord]
+) -> dict[str, ZipRecord]:
+    """The keys whose bytes are exactly one record, so that streaming them checks its CRC-32 on the way.
+
+    torch maps a zip's records as slices of one mapping of the whole file, so a storage's address minus the lowest
+    one is its record's offset minus the lowest offset. Records that no key covers exactly (shared or partial
+    storages), and every record when the addresses do not line up, are checked here by reading them.
+    """
+    storages = {k: t.untyped_storage() for k, t in loaded.items() if t.untyped_storage().nbytes()}
+    plan: dict[str, ZipRecord] = {}
+    if storages and records:
+        base = min(s.data_ptr() for s in storages.values()) - min(records)
+        found = {k: records.get(s.data_ptr() - base) for k, s in storages.items()}
+        if all(r is not None and r.size == storages[k].nbytes() for k, r in found.items()):
+            plan = {
+                k: r
+                for k, r in found.items()
+                if loaded[k].is_contiguous() and loaded[k].storage_offset() == 0 and loaded[k].nbytes == r.size
+            }
+    covered = {r.offset for r in plan.values()}
+    for record in records.values():
+        if record.offset not in covered:
+            _check_record_by_reading(path, record)
+    return plan
+
+
+def read_index(index: Path) -> dict[str, Any]:
+    """A ``*.index.json`` file: a JSON object whose ``weight_map`` maps tensor names to shard file names.
+
+    Anything else is a :class:`CheckpointError` naming the file.
+    """
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{index}: not a readable index file ({e})") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index}: not a valid index file (no weight_map of tensor names to shard file names)")
+    if not isinstance(data.get("metadata", {}), dict):
+        raise CheckpointError(f"{index}: not a valid index file (its metadata is not an object)")
+    return data
+
+
 def _checkpoint_files(path: Path) -> list[Path]:
     """The files of a checkpoint: the file itself, or a directory's ``pytorch_model*.bin`` shards."""
     if path.is_file():
@@ -185,11 +355,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
     index = path / "pytorch_model.bin.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid index file ({e})") from e
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        files = [path / name for name in sorted(set(read_index(index)["weight_map"].values()))]
         for file in files:
             if not file.is_file():
                 raise CheckpointError(f"{index}: lists shard {file.name}, which is missing from {path}")
@@ -204,7 +370,8 @@ class OriginalCheckpoint:
     """A torch.save state dict (one file, or a directory of shards) or a safetensors file, read lazily through mmap.
 
     Opening it reads only the tensors' metadata. :meth:`iter_bytes` streams one tensor's data in bounded chunks,
-    re-opening the file periodically so that the pages read so far stop counting against this process.
+    re-opening the file periodically so that the pages read so far stop counting against this process, and checks
+    on the way the CRC-32 that the zip recorded for it and that every value is finite.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -212,8 +379,14 @@ class OriginalCheckpoint:
         self.files = _checkpoint_files(self.path)
         self.specs: dict[str, TensorSpec] = {}
         self._file_of: dict[str, Path] = {}
+        self._records: dict[str, ZipRecord] = {}
         for file in self.files:
-            for key, tensor in _open_state_dict(file).items():
+            # The zip's directory and pickle are checked before torch reads them.
+            records = zip_records(file) if file.suffix != ".safetensors" and _is_zip(file) else None
+            loaded = _open_state_dict(file)
+            if records is not None:
+                self._records.update(_crc_plan(file, loaded, records))
+            for key, tensor in loaded.items():
                 if key in self._file_of:
                     raise CheckpointError(f"{file}: key {key!r} is also in {self._file_of[key]}")
                 if tensor.dtype not in SUPPORTED_DISK_DTYPES:
@@ -223,6 +396,7 @@ class OriginalCheckpoint:
                     )
                 self.specs[key] = TensorSpec(tuple(tensor.shape), tensor.dtype)
                 self._file_of[key] = file
+            del loaded
         if not self.specs:
             raise CheckpointError(f"{self.path}: the state dict is empty")
         self._check_index()
@@ -234,8 +408,7 @@ class OriginalCheckpoint:
         index = self.path / "pytorch_model.bin.index.json" if self.path.is_dir() else None
         if index is None or not index.is_file():
             return
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        for key, name in weight_map.items():
+        for key, name in read_index(index)["weight_map"].items():
             if self._file_of.get(key, Path()).name != name:
                 raise CheckpointError(f"{index}: maps key {key!r} to {name}, but that shard does not hold it")
 
@@ -259,11 +432,29 @@ class OriginalCheckpoint:
         self._open_file = None
         self._read_since_open = 0
 
-    def iter_bytes(self, key: str, dtype: torch.dtype, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
-        """Yield the tensor ``key`` cast to ``dtype`` as consecutive little-endian ``uint8`` chunks (C order)."""
+    def _not_finite(self, key: str, piece: torch.Tensor, dtype: torch.dtype) -> CheckpointError:
+        where = f"{self._file_of[key]}: key {key!r}"
+        allow = "pass allow_non_finite (--allow-non-finite) to convert it anyway"
+        if not torch.isfinite(piece).all():
+            return CheckpointError(f"{where} holds NaN or infinite values; {allow}")
+        return CheckpointError(
+            f"{where} has values up to {float(piece.abs().max()):.6g}, beyond the range of {dtype} "
+            f"({torch.finfo(dtype).max:.6g}): choose a wider --dtype, or {allow} as infinities"
+        )
+
+    def iter_bytes(
+        self, key: str, dtype: torch.dtype, chunk_bytes: int = CHUNK_BYTES, allow_non_finite: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """Yield the tensor ``key`` cast to ``dtype`` as consecutive little-endian ``uint8`` chunks (C order).
+
+        Raises :class:`CheckpointError` once the tensor's bytes fail the CRC-32 of their zip record, and at the
+        first chunk with NaN or infinite values (in the original, or after the cast) unless ``allow_non_finite``.
+        """
         spec = self.specs[key]
         if spec.numel == 0:
             return
+        record = self._records.get(key)
+        crc = 0
         rows = spec.shape[0] if spec.shape else 1
         row_bytes = spec.numel // rows * max(spec.dtype.itemsize, dtype.itemsize)
         step = max(1, chunk_bytes // row_bytes)
@@ -272,12 +463,22 @@ class OriginalCheckpoint:
             piece = (source.flatten(1) if source.dim() > 1 else source.reshape(-1, 1))[start : start + step]
             del source
             self._read_since_open += piece.nbytes
-            out = piece.to(dtype).contiguous().reshape(-1).view(torch.uint8)
-            del piece
+            if record is not None:
+                crc = zlib.crc32(piece.reshape(-1).view(torch.uint8).numpy(), crc)
+            cast = piece.to(dtype)
+            if dtype.is_floating_point and not allow_non_finite and not torch.isfinite(cast).all():
+                raise self._not_finite(key, piece, dtype)
+            out = cast.contiguous().reshape(-1).view(torch.uint8)
+            del piece, cast
             yield out
             del out
             if self._read_since_open >= RELEASE_AFTER_BYTES:
                 self.release()
+        if record is not None and crc != record.crc32:
+            raise CheckpointError(
+                f"{self._file_of[key]}: the data of key {key!r} ({record.name}) fails its CRC-32 check; "
+                "the file is corrupt"
+            )
 
 
 def identify_checkpoint_kind(keys: Iterable[str]) -> tuple[str, list[str]]:
@@ -297,7 +498,7 @@ def require_kind(checkpoint: OriginalCheckpoint, kind: str) -> None:
         shown = ", ".join(sorted({h.split(".")[0] + (".*" if "." in h else "") for h in hits}))
         raise CheckpointError(
             f"{checkpoint.path}: this is a {KIND_NAMES[found]} checkpoint (it has {shown} keys), not a "
-            f"{KIND_NAMES[kind]} one; convert it with convert_{found}"
+            f"{KIND_NAMES[kind]} one; convert it with `{converter_command(found)}`"
         )
 
 
@@ -381,11 +582,13 @@ def check_against_expected(
     missing = sorted(set(expected) - set(mapping.target_to_source))
     if missing:
         problems.append(f"missing keys (named as in the converted model): {_short_list(missing)}")
-    for target, src in mapping.target_to_source.items():
-        if target in expected and source[src].shape != expected[target].shape:
-            problems.append(
-                f"key {src!r} has shape {list(source[src].shape)}, expected {list(expected[target].shape)}"
-            )
+    mismatched = sorted(
+        f"{src!r} is {list(source[src].shape)}, expected {list(expected[target].shape)}"
+        for target, src in mapping.target_to_source.items()
+        if target in expected and source[src].shape != expected[target].shape
+    )
+    if mismatched:
+        problems.append(f"shape mismatches: {_short_list(mismatched)}")
     if problems:
         raise CheckpointError(f"{where}: does not match the configuration: " + "; ".join(problems))
 
@@ -412,8 +615,12 @@ def _write_safetensors_file(
     tensors: Sequence[tuple[str, str, TensorSpec]],
     checkpoint: OriginalCheckpoint,
     progress: tqdm,
-) -> None:
-    """Write ``(target name, original key, output spec)`` tensors to one safetensors file, chunk by chunk."""
+    allow_non_finite: bool,
+) -> str:
+    """Write ``(target name, original key, output spec)`` tensors to one safetensors file, chunk by chunk.
+
+    Returns the file's SHA-256, computed on the bytes as they are written.
+    """
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, _, spec in tensors:
@@ -425,16 +632,26 @@ def _write_safetensors_file(
         offset += spec.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
+        for head in (struct.pack("<Q", len(encoded)), encoded):
+            f.write(head)
+            digest.update(head)
         for _, source_key, spec in tensors:
-            for chunk in checkpoint.iter_bytes(source_key, spec.dtype):
-                f.write(chunk.numpy().data)
+            for chunk in checkpoint.iter_bytes(source_key, spec.dtype, allow_non_finite=allow_non_finite):
+                data = chunk.numpy().data
+                f.write(data)
+                digest.update(data)
                 progress.update(chunk.numel())
-                del chunk
+                del chunk, data
         f.flush()
         os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def index_name(filename_pattern: str = "model{suffix}.safetensors") -> str:
+    """``model.safetensors.index.json`` for the default pattern."""
+    return filename_pattern.format(suffix="") + ".index.json"
 
 
 def write_safetensors_shards(
@@ -446,11 +663,14 @@ def write_safetensors_shards(
     max_shard_size: int | str = "5GB",
     filename_pattern: str = "model{suffix}.safetensors",
     show_progress: bool = True,
+    allow_non_finite: bool = False,
 ) -> dict[str, TensorSpec]:
-    """Stream the mapped tensors into shards named like transformers' (plus the index when there are several).
+    """Stream the mapped tensors into shards named like transformers' and write their index.
 
-    What was written is re-read and checked (:func:`verify_safetensors_folder`) before returning the specs written,
-    by target name.
+    The index is written for a single shard too: its metadata records each shard's SHA-256 (``sha256``), which
+    :func:`verify_checksums` confirms. NaN or infinite values (in the original, or from an overflowing cast) are
+    refused unless ``allow_non_finite``. What was written is re-read and checked (:func:`verify_safetensors_folder`)
+    before returning the specs written, by target name.
     """
     output_dir = Path(output_dir)
     written = {
@@ -464,19 +684,26 @@ def write_safetensors_shards(
         max_shard_size=parse_size(max_shard_size),
     )
     total = sum(spec.nbytes for spec in written.values())
+    checksums = {}
     with torch.inference_mode(), tqdm(total=total, unit="B", unit_scale=True, disable=not show_progress) as bar:
         for filename, names in split.filename_to_tensors.items():
             bar.set_description(filename)
             entries = [(name, target_to_source[name], written[name]) for name in names]
-            _write_safetensors_file(output_dir / filename, entries, checkpoint, bar)
+            checksums[filename] = _write_safetensors_file(
+                output_dir / filename, entries, checkpoint, bar, allow_non_finite
+            )
             checkpoint.release()
-    if split.is_sharded:
-        index = {
-            "metadata": {"total_parameters": sum(s.numel for s in written.values()), **split.metadata},
-            "weight_map": split.tensor_to_filename,
-        }
-        index_name = filename_pattern.format(suffix="") + ".index.json"
-        (output_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    index = {
+        "metadata": {
+            "total_parameters": sum(s.numel for s in written.values()),
+            "total_size": total,
+            "sha256": checksums,
+        },
+        "weight_map": split.tensor_to_filename,
+    }
+    (output_dir / index_name(filename_pattern)).write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     verify_safetensors_folder(output_dir, written, filename_pattern)
     return written
 
@@ -487,34 +714,58 @@ def verify_safetensors_folder(
     filename_pattern: str = "model{suffix}.safetensors",
 ) -> None:
     """Re-read the headers of what was written and check names, shapes, dtypes and the index against ``written``."""
-    from safetensors import safe_open
-
     output_dir = Path(output_dir)
-    single = output_dir / filename_pattern.format(suffix="")
-    index_path = output_dir / (filename_pattern.format(suffix="") + ".index.json")
-    if index_path.is_file():
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    else:
-        weight_map = dict.fromkeys(written, single.name)
+    weight_map = read_index(output_dir / index_name(filename_pattern))["weight_map"]
     if set(weight_map) != set(written):
         raise RuntimeError(f"{output_dir}: the index does not list exactly the converted tensors")
     found: dict[str, TensorSpec] = {}
     for filename in sorted(set(weight_map.values())):
-        with safe_open(output_dir / filename, framework="pt") as f:
-            for name in f.keys():
-                if weight_map.get(name) != filename:
-                    raise RuntimeError(f"{output_dir / filename}: holds {name!r}, which the index puts elsewhere")
-                sl = f.get_slice(name)
-                found[name] = TensorSpec(
-                    tuple(sl.get_shape()), getattr(torch, _dtype_from_safetensors(sl.get_dtype()))
-                )
+        path = output_dir / filename
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with contextlib.closing(mapped):
+            entries, _ = read_safetensors_header(path, mapped)
+        for name, info in entries.items():
+            if weight_map.get(name) != filename:
+                raise RuntimeError(f"{path}: holds {name!r}, which the index puts elsewhere")
+            found[name] = TensorSpec(tuple(info["shape"]), _FROM_SAFETENSORS[info["dtype"]])
     if found != dict(written):
         bad = sorted(k for k in set(found) | set(written) if found.get(k) != written.get(k))
         raise RuntimeError(f"{output_dir}: written tensors differ from the plan: {_short_list(bad)}")
 
 
-def _dtype_from_safetensors(name: str) -> str:
-    return {v: str(k).removeprefix("torch.") for k, v in _SAFETENSORS_DTYPES.items()}[name]
+def verify_checksums(folder: str | os.PathLike) -> list[Path]:
+    """Confirm every shard of a converted folder against the SHA-256 its index recorded; returns the shards checked.
+
+    Every ``*.safetensors.index.json`` under ``folder`` is read (a diffusers repo has one per component). A shard
+    that differs, is missing or has no recorded checksum, or a folder with no index, is a :class:`CheckpointError`
+    naming the file. Call it before loading a downloaded repo to check what arrived.
+    """
+    folder = Path(folder)
+    indexes = sorted(folder.rglob("*.safetensors.index.json"))
+    if not indexes:
+        raise CheckpointError(f"{folder}: holds no *.safetensors.index.json, so no checksums to confirm")
+    checked = []
+    for index in indexes:
+        data = read_index(index)
+        recorded = data.get("metadata", {}).get("sha256")
+        if not isinstance(recorded, dict):
+            raise CheckpointError(f"{index}: records no shard checksums (metadata.sha256)")
+        for filename in sorted(set(data["weight_map"].values())):
+            shard = index.parent / filename
+            if not isinstance(recorded.get(filename), str):
+                raise CheckpointError(f"{index}: records no checksum for {filename}")
+            digest = hashlib.sha256()
+            try:
+                with open(shard, "rb") as f:
+                    while chunk := f.read(CHUNK_BYTES):
+                        digest.update(chunk)
+            except OSError as e:
+                raise CheckpointError(f"{shard}: cannot be read ({e})") from e
+            if digest.hexdigest() != recorded[filename]:
+                raise CheckpointError(f"{shard}: its SHA-256 differs from the one {index.name} records; it is corrupt")
+            checked.append(shard)
+    return checked
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -531,36 +782,111 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+# Siblings of an output folder that a conversion works in: `.NAME.partial-PID-ID` (being written) and
+# `.NAME.replaced-PID-ID` (the previous output while the new one moves in). PID is the converting process.
+_WORK_FOLDER = re.compile(r"\.(?P<name>.+)\.(?P<role>partial|replaced)-(?P<pid>\d+)-[0-9a-f]{12}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale_work_folders(out: Path) -> list[Path]:
+    """Remove the work folders that converters of ``out`` left behind when killed; returns what was removed.
+
+    Only folders whose converting process is gone are touched, so concurrent converters of the same output keep
+    theirs. A previous output left as ``.replaced-`` while ``out`` is missing (killed between the two renames) is
+    moved back instead of removed.
+    """
+    removed = []
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        match = _WORK_FOLDER.fullmatch(path.name)
+        if match is None or match["name"] != out.name or _process_alive(int(match["pid"])):
+            continue
+        if match["role"] == "replaced" and not out.exists() and not out.is_symlink():
+            with contextlib.suppress(OSError):
+                os.rename(path, out)
+                logger.info("restored %s from %s, left by an interrupted conversion", out, path.name)
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            logger.info("removed %s, left by an interrupted conversion", path)
+            removed.append(path)
+    return removed
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) arrived while a conversion was writing; its work folder has been removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` inside the block (main thread only), so cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        for sig in previous:  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh folder next to ``output_dir`` that becomes ``output_dir`` only if the block succeeds.
 
-    On any exception (KeyboardInterrupt included) the temporary folder is removed and the destination is untouched.
-    With ``overwrite``, an existing destination is replaced as a whole, and only once the new folder is complete.
+    On any exception, SIGTERM and SIGINT included, the temporary folder is removed and the destination is
+    untouched; work folders of the same output left by killed converters are swept first. With ``overwrite``, an
+    existing destination is replaced as a whole, and only once the new folder is complete. A symlinked
+    destination keeps its link: the folder it points to is the one replaced.
     """
     out = check_output_dir(output_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        yield tmp
+    if out.is_symlink():
+        out = out.resolve()
         check_output_dir(out, overwrite)
-        if _is_empty_dir(out):
-            out.rmdir()
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:12]}"
-            os.rename(out, old)
-            try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_work_folders(out)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    tmp = out.parent / f".{out.name}.partial-{tag}"
+    with _signals_interrupt():
+        tmp.mkdir()
+        try:
+            yield tmp
+            check_output_dir(out, overwrite)
+            if _is_empty_dir(out):
+                out.rmdir()
+            if out.exists():
+                old = out.parent / f".{out.name}.replaced-{tag}"
+                os.rename(out, old)
+                try:
+                    os.rename(tmp, out)
+                except BaseException:
+                    os.rename(old, out)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)  # the new output is in place whatever happens to this
+            else:
                 os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 _MINIMAL_CARD = """---
@@ -635,12 +961,12 @@ def run_converter_cli(
     argv: Sequence[str] | None,
     convert: Callable[[argparse.Namespace, dict[str, Any]], Path],
 ) -> int:
-    """Parse a converter's command line and run it: a bad input or output is one `error:` line and exit status 1.
+    """Parse a converter's command line and run it: a bad input or output is one error line and exit status 2.
 
     `convert(args, options)` gets the parsed arguments and the keyword arguments of the shared options
     (`add_output_arguments`). Caught: `CheckpointError` and other `ValueError`s (bad config, size, dtype),
     `TypeError`s and `StrictDataclassError`s of configs that do not validate, and `OSError`s (a missing input file,
-    an existing output folder).
+    an existing output folder); an interruption (Ctrl-C, SIGTERM) is one line too, once the work folder is gone.
     """
     from huggingface_hub.errors import StrictDataclassError
 
@@ -655,26 +981,48 @@ def run_converter_cli(
         push_to_hub=args.push_to_hub,
         private=args.private,
         remote_code=args.remote_code,
+        allow_non_finite=args.allow_non_finite,
         overwrite=args.overwrite,
         show_progress=not args.quiet,
     )
     try:
         out = convert(args, options)
     except (ValueError, TypeError, OSError, StrictDataclassError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        message = " ".join(str(err).split())  # one line, whatever the exception's own layout
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"{parser.prog}: interrupted; nothing was written", file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)
     print(out)
     return 0
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every converter shares: output dtype, sharding, overwrite, hub push, remote code, progress."""
+def converter_parser(kind: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of a converter, named as `viscpm convert KIND` (the scripts run the same one)."""
+    return argparse.ArgumentParser(prog=converter_command(kind), description=description)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, remote_code: bool = True) -> None:
+    """The options every converter shares: dtype, sharding, overwrite, hub push, remote code, finiteness, progress.
+
+    ``remote_code`` is whether the converter ships the modelling code unless told otherwise.
+    """
     parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="output dtype (default: the checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the converted folder to this hub repo")
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     parser.add_argument(
-        "--remote-code", action="store_true", help="also write the modelling code (trust_remote_code loading)"
+        "--remote-code",
+        action=argparse.BooleanOptionalAction,
+        default=remote_code,
+        help="write the modelling code into the folder, for trust_remote_code=True loading without this package "
+        f"(default: {'yes' if remote_code else 'no'})",
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert NaN / infinite weights, and values the --dtype cannot hold, instead of refusing them",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -10,10 +10,12 @@ import argparse
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import GenerationConfig
 
 from .. import __version__
@@ -33,6 +35,7 @@ from ._io import (
     build_meta_model,
     check_against_expected,
     check_output_dir,
+    converter_parser,
     expected_specs,
     map_keys,
     parse_dtype,
@@ -80,6 +83,24 @@ def _source_prefix(keys: Sequence[str]) -> str:
     return ""
 
 
+def read_original_config(original: str | os.PathLike | Mapping[str, Any]) -> CpmBeeConfig:
+    """Our config from an original CPM-Bee config (JSON path or dict); a bad one is a CheckpointError naming it."""
+    shown = "the given CPM-Bee config" if isinstance(original, Mapping) else str(original)
+    try:
+        return CpmBeeConfig.from_original_config(dict(original) if isinstance(original, Mapping) else original)
+    except (OSError, ValueError, TypeError, AttributeError, StrictDataclassError) as e:
+        raise CheckpointError(f"{shown}: not a usable original CPM-Bee config ({' '.join(str(e).split())})") from e
+
+
+def check_vocabulary(config: CpmBeeConfig, tokenizer: CpmBeeTokenizer, where: str) -> None:
+    """The tokenizer written with the model must number its ext-table ids from the model's ``vocab_size``."""
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(
+            f"{where}: the config has vocab_size={config.vocab_size} but the CPM-Bee vocabulary has "
+            f"{tokenizer.vocab_size} entries; the converted tokenizer and model would disagree on every ext id"
+        )
+
+
 def _check_config_matches(mapping: KeyMapping, specs: dict[str, TensorSpec], config: CpmBeeConfig, where: str) -> None:
     """Name a layer-count or vocabulary mismatch plainly before the key-by-key comparison."""
     layers = {
@@ -116,7 +137,8 @@ def convert_cpmbee(
     max_shard_size: int | str = "5GB",
     push_to_hub: str | None = None,
     private: bool = False,
-    remote_code: bool = False,
+    remote_code: bool = True,
+    allow_non_finite: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
@@ -124,12 +146,13 @@ def convert_cpmbee(
 
     ``dtype=None`` keeps the checkpoint's dtype. Nothing is written unless the whole checkpoint checks out, and
     ``output_dir`` appears only once complete; an existing non-empty ``output_dir`` is replaced only with
-    ``overwrite``. Bad inputs raise :class:`CheckpointError`. With ``push_to_hub`` the finished folder is uploaded. With ``remote_code`` the modelling code is written into the folder too (`trust_remote_code` loading
-    without the plugin).
+    ``overwrite``. Bad inputs raise :class:`CheckpointError`. With ``push_to_hub`` the finished folder is uploaded.
+    The folder ships the modelling code too (``trust_remote_code=True`` loading without the plugin) unless
+    ``remote_code=False``.
     """
     output_dir = check_output_dir(output_dir, overwrite)
     dtype, max_shard_size = parse_dtype(dtype), parse_size(max_shard_size)
-    config = CpmBeeConfig.from_original_config(original_config_json)
+    config = read_original_config(original_config_json)
     source = OriginalCheckpoint(checkpoint)
     require_kind(source, "cpmbee")
     where = str(source.path)
@@ -143,6 +166,7 @@ def convert_cpmbee(
     for key, reason in mapping.dropped.items():
         logger.info("not converted: %s (%s)", key, reason)
     tokenizer = CpmBeeTokenizer()
+    check_vocabulary(config, tokenizer, where)
     # Plain `generate()` keeps the stock defaults (greedy); `generate_answers()` reads the original's beam search
     # defaults (VLLMCPMBeeBeamSearch.generate: beam 3, 100 new tokens, no penalties) from their own field.
     beam_search = CpmBeeBeamSearchSettings(num_beams=3, max_new_tokens=100)
@@ -163,6 +187,7 @@ def convert_cpmbee(
             out_dtype,
             max_shard_size=max_shard_size,
             show_progress=show_progress,
+            allow_non_finite=allow_non_finite,
         )
         config.save_pretrained(tmp)
         generation.save_pretrained(tmp)
@@ -191,9 +216,9 @@ def convert_cpmbee(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_cpmbee",
-        description="Convert an original CPM-Bee checkpoint into a transformers CpmBeeForCausalLM folder.",
+    parser = converter_parser(
+        "cpmbee",
+        "Convert an original CPM-Bee checkpoint into a transformers CpmBeeForCausalLM folder.",
     )
     parser.add_argument(
         "--checkpoint",

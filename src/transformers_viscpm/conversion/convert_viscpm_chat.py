@@ -35,6 +35,7 @@ from ._io import (
     build_meta_model,
     check_against_expected,
     check_output_dir,
+    converter_parser,
     expected_specs,
     identify_checkpoint_kind,
     map_keys,
@@ -45,6 +46,7 @@ from ._io import (
     write_model_card,
     write_safetensors_shards,
 )
+from .convert_cpmbee import check_vocabulary, read_original_config
 
 # Original VLU_CPMBee names -> names in VisCPMChatForConditionalGeneration (first match wins).
 VISCPM_CHAT_KEY_TABLE: tuple[KeyRule, ...] = (
@@ -85,12 +87,7 @@ def build_config(
 ) -> VisCPMChatConfig:
     """The config of the converted model: CPM-Bee from the original config JSON (default: the released 10B), BEiT-3
     large with `vision_config` overrides, and the query count read from the checkpoint's `query`."""
-    if llm_config is None:
-        text_config = CpmBeeConfig()
-    else:
-        text_config = CpmBeeConfig.from_original_config(
-            dict(llm_config) if isinstance(llm_config, Mapping) else llm_config
-        )
+    text_config = CpmBeeConfig() if llm_config is None else read_original_config(llm_config)
     if isinstance(vision_config, VisCPMChatVisionConfig):
         vision = vision_config
     else:
@@ -113,7 +110,8 @@ def convert_viscpm_chat(
     max_shard_size: int | str = "5GB",
     push_to_hub: str | None = None,
     private: bool = False,
-    remote_code: bool = False,
+    remote_code: bool = True,
+    allow_non_finite: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
@@ -123,8 +121,9 @@ def convert_viscpm_chat(
     overrides fields of the BEiT-3 large configuration. ``dtype=None`` keeps the checkpoint's dtype. Nothing is
     written unless the whole checkpoint checks out, and ``output_dir`` appears only once complete; an existing
     non-empty ``output_dir`` is replaced only with ``overwrite``. Bad inputs raise :class:`CheckpointError`. With
-    ``push_to_hub`` the finished folder is uploaded to that repo. With ``remote_code`` the modelling code is written into the folder too (`trust_remote_code` loading
-    without the plugin).
+    ``push_to_hub`` the finished folder is uploaded to that repo.
+    The folder ships the modelling code too (``trust_remote_code=True`` loading without the plugin) unless
+    ``remote_code=False``.
     """
     output_dir = check_output_dir(output_dir, overwrite)
     source = OriginalCheckpoint(checkpoint)
@@ -133,7 +132,7 @@ def convert_viscpm_chat(
     if identify_checkpoint_kind(source.keys())[0] != "viscpm_chat":
         raise CheckpointError(
             f"{where}: has no vpm.*, query or mapping.* keys, so it is not a VisCPM-Chat checkpoint (a plain CPM-Bee "
-            "one converts with convert_cpmbee)"
+            "one converts with `viscpm convert cpmbee`)"
         )
     config = build_config(source, llm_config, vision_config)
     mapping = map_keys(source.keys(), VISCPM_CHAT_KEY_TABLE)
@@ -143,6 +142,7 @@ def convert_viscpm_chat(
     config.dtype = out_dtype
 
     tokenizer = CpmBeeTokenizer()
+    check_vocabulary(config.text_config, tokenizer, where)
     processor = VisCPMChatProcessor(VisCPMChatImageProcessor(), tokenizer, query_num=config.query_num)
     variant, variant_description = _variant(source.path.name)
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
@@ -154,6 +154,7 @@ def convert_viscpm_chat(
             out_dtype,
             max_shard_size=max_shard_size,
             show_progress=show_progress,
+            allow_non_finite=allow_non_finite,
         )
         config.save_pretrained(tmp)
         # Plain `generate()` keeps the stock defaults (greedy); `chat()` reads the original's settings.
@@ -190,9 +191,9 @@ def convert_viscpm_chat(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_viscpm_chat",
-        description="Convert an original VisCPM-Chat checkpoint into a transformers VisCPMChatForConditionalGeneration "
+    parser = converter_parser(
+        "viscpm_chat",
+        "Convert an original VisCPM-Chat checkpoint into a transformers VisCPMChatForConditionalGeneration "
         "folder (weights, configs, tokenizer, processor, chat template, model card).",
     )
     parser.add_argument(

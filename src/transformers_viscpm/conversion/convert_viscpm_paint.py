@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from huggingface_hub.errors import StrictDataclassError
 
 from .. import __version__
 from ..hub import export_remote_code
@@ -35,6 +34,7 @@ from ._io import (
     build_meta_model,
     check_against_expected,
     check_output_dir,
+    converter_parser,
     expected_specs,
     identify_checkpoint_kind,
     map_keys,
@@ -47,7 +47,7 @@ from ._io import (
     write_model_card,
     write_safetensors_shards,
 )
-from .convert_cpmbee import _check_config_matches
+from .convert_cpmbee import _check_config_matches, check_vocabulary, read_original_config
 
 # Original VLG_CPMBee names -> "<pipeline component>/<name in that component>" (first match wins).
 VISCPM_PAINT_KEY_TABLE: tuple[KeyRule, ...] = (
@@ -157,15 +157,7 @@ def _text_encoder_config(
         raise CheckpointError(
             f"{source.path}: {TRANS_BLOCK_WEIGHT!r} has shape {list(shape)}, expected [cross_attention_dim, dim_model]"
         )
-    if llm_config is None:
-        return VisCPMPaintTextEncoderConfig(cpmbee_config=CpmBeeConfig(), projection_dim=shape[0])
-    try:
-        cpmbee_config = CpmBeeConfig.from_original_config(
-            dict(llm_config) if isinstance(llm_config, Mapping) else llm_config
-        )
-    except (OSError, ValueError, TypeError, StrictDataclassError) as e:
-        shown = "the given CPM-Bee config" if isinstance(llm_config, Mapping) else str(llm_config)
-        raise CheckpointError(f"{shown}: not a usable original CPM-Bee config ({e})") from e
+    cpmbee_config = CpmBeeConfig() if llm_config is None else read_original_config(llm_config)
     return VisCPMPaintTextEncoderConfig(cpmbee_config=cpmbee_config, projection_dim=shape[0])
 
 
@@ -180,6 +172,7 @@ def convert_viscpm_paint(
     push_to_hub: str | None = None,
     private: bool = False,
     remote_code: bool = False,
+    allow_non_finite: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
@@ -188,8 +181,11 @@ def convert_viscpm_paint(
     ``llm_config`` is the original CPM-Bee config (JSON path or dict; default: the released 10B). ``dtype=None``
     keeps the checkpoint's dtype (the VAE is cast to it). Nothing is written unless the checkpoint and the SD base
     check out, and ``output_dir`` appears only once complete; an existing non-empty ``output_dir`` is replaced only
-    with ``overwrite``. Bad inputs raise :class:`CheckpointError`. With ``push_to_hub`` the folder is uploaded. With ``remote_code`` the modelling code is written into the folder too (`trust_remote_code` loading
-    without the plugin).
+    with ``overwrite``. Bad inputs raise :class:`CheckpointError`. With ``push_to_hub`` the folder is uploaded.
+    With ``remote_code`` the folder ships the pipeline's code too, for ``trust_remote_code=True`` loading without the
+    plugin. It is off by default, unlike the transformers converters: diffusers runs a repo's pipeline code whenever
+    the repo ships it and refuses to load it without ``trust_remote_code=True``, plugin or not, so shipping it would
+    make every plugin user trust the repo's code instead of their own.
     """
     output_dir = check_output_dir(output_dir, overwrite)
     dtype, max_shard_size = parse_dtype(dtype), parse_size(max_shard_size)
@@ -199,7 +195,7 @@ def convert_viscpm_paint(
     if identify_checkpoint_kind(source.keys())[0] != "viscpm_paint":
         raise CheckpointError(
             f"{where}: has no unet.* or trans_block.* keys, so it is not a VisCPM-Paint checkpoint (a plain CPM-Bee "
-            "one converts with convert_cpmbee)"
+            "one converts with `viscpm convert cpmbee`)"
         )
     sd_base = Path(sd_base)
     if not sd_base.is_dir():
@@ -234,6 +230,7 @@ def convert_viscpm_paint(
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{sd_base / 'scheduler'}: not a usable scheduler config ({e})") from e
     tokenizer = CpmBeeTokenizer()
+    check_vocabulary(text_config.cpmbee_config, tokenizer, where)
     # Built on the meta device only to write model_index.json exactly as save_pretrained would.
     index_pipeline = VisCPMPaintPipeline(
         vae=vae,
@@ -264,6 +261,7 @@ def convert_viscpm_paint(
                 max_shard_size=max_shard_size,
                 filename_pattern=pattern,
                 show_progress=show_progress,
+                allow_non_finite=allow_non_finite,
             )
         text_config.save_pretrained(tmp / "text_encoder")
         unet.save_config(tmp / "unet")
@@ -296,9 +294,9 @@ def convert_viscpm_paint(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convert_viscpm_paint",
-        description="Convert an original VisCPM-Paint checkpoint and a Stable Diffusion 2.1 base folder into a "
+    parser = converter_parser(
+        "viscpm_paint",
+        "Convert an original VisCPM-Paint checkpoint and a Stable Diffusion 2.1 base folder into a "
         "diffusers VisCPMPaintPipeline repository (weights, configs, tokenizer, model card).",
     )
     parser.add_argument(
@@ -314,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="output folder (created atomically)")
     parser.add_argument("--llm-config", help="original CPM-Bee config JSON (default: the released 10B)")
-    add_output_arguments(parser)
+    add_output_arguments(parser, remote_code=False)
     return parser
 
 

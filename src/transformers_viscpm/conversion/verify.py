@@ -1,7 +1,9 @@
 """Check a converted repo on a fixed input, against the original implementation when it is importable.
 
 ``python conversion/verify.py --original CKPT --converted REPO --kind {cpmbee,chat,paint} [--original-config JSON]``
-runs the converted model on a fixed input and prints checksums of its output. When the original ``VisCPM`` package
+confirms each shard of REPO against the SHA-256 its index records, runs the converted model on a fixed input and
+prints checksums of its output. The model runs with this package's classes: the repo's own Python code runs only
+with ``--trust-remote-code``, as in transformers. When the original ``VisCPM`` package
 can be imported, the original model is built from ``CKPT``, run on the same input, and the largest absolute
 difference of the outputs is printed; the exit status is 1 when it exceeds ``--tolerance``. Without the original,
 the report says so and only the converted model's numbers are printed.
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ._io import CheckpointError
+
 KINDS = {"cpmbee": "cpmbee", "chat": "viscpm_chat", "paint": "viscpm_paint"}
 # The fixed inputs: a CPM-Bee prompt with out-of-vocabulary runs (no `<`: the original reads it as markup), a chat question about a gradient image, a caption.
 CPMBEE_PROMPT = {"input": "今天天气真好 ☃ ♞♜", "prompt": "中翻英", "<ans>": ""}
@@ -49,12 +53,14 @@ class Report:
     abs_max: float
     max_abs_diff: float | None = None
     original: str = "missing"
+    shards_verified: int = 0
 
     def lines(self) -> list[str]:
         lines = [
             f"kind: {self.kind}",
             f"converted {self.output}: shape {self.shape}, sum {self.total:.6f}, abs max {self.abs_max:.6f}",
             f"converted {self.output} sha256 (float32): {self.sha256}",
+            f"shard checksums: {self.shards_verified} confirmed",
         ]
         if self.max_abs_diff is None:
             lines.append(f"original: {self.original}; only the converted model was run")
@@ -75,39 +81,77 @@ def _checksums(kind: str, output: str, tensor: torch.Tensor) -> Report:
     )
 
 
-def converted_cpmbee_logits(repo: str | Path) -> torch.Tensor:
+def _loaders(trust_remote_code: bool, plugin: tuple, auto: tuple) -> tuple[tuple, dict]:
+    """The plugin's own classes, or with ``trust_remote_code`` the Auto classes, which run the repo's shipped code."""
+    return (auto, {"trust_remote_code": True}) if trust_remote_code else (plugin, {})
+
+
+def converted_cpmbee_logits(repo: str | Path, trust_remote_code: bool = False) -> torch.Tensor:
     """Logits ``(1, L, vocab + E)`` of the converted CPM-Bee on :data:`CPMBEE_PROMPT`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from ..models.cpmbee.encoding_cpmbee import encode_structured
     from ..models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM
     from ..models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
+    from .convert_cpmbee import check_vocabulary
 
-    tokenizer = CpmBeeTokenizer.from_pretrained(repo)
-    model = CpmBeeForCausalLM.from_pretrained(repo, dtype=torch.float32).eval()
+    (tokenizer_cls, model_cls), kwargs = _loaders(
+        trust_remote_code, (CpmBeeTokenizer, CpmBeeForCausalLM), (AutoTokenizer, AutoModelForCausalLM)
+    )
+    tokenizer = tokenizer_cls.from_pretrained(repo, **kwargs)
+    model = model_cls.from_pretrained(repo, dtype=torch.float32, **kwargs).eval()
+    check_vocabulary(model.config, tokenizer, str(repo))
     encoding, _ = encode_structured(tokenizer, [CPMBEE_PROMPT])
     with torch.no_grad():
         return model(**encoding).logits
 
 
-def converted_chat_logits(repo: str | Path) -> torch.Tensor:
+def converted_chat_logits(repo: str | Path, trust_remote_code: bool = False) -> torch.Tensor:
     """Logits of the converted VisCPM-Chat on a gradient image and :data:`CHAT_QUESTION`."""
     from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..models.viscpm_chat.modeling_viscpm_chat import VisCPMChatForConditionalGeneration
     from ..models.viscpm_chat.processing_viscpm_chat import VisCPMChatProcessor
+    from .convert_cpmbee import check_vocabulary
 
-    processor = VisCPMChatProcessor.from_pretrained(repo)
-    model = VisCPMChatForConditionalGeneration.from_pretrained(repo, dtype=torch.float32).eval()
+    (processor_cls, model_cls), kwargs = _loaders(
+        trust_remote_code,
+        (VisCPMChatProcessor, VisCPMChatForConditionalGeneration),
+        (AutoProcessor, AutoModelForImageTextToText),
+    )
+    processor = processor_cls.from_pretrained(repo, **kwargs)
+    model = model_cls.from_pretrained(repo, dtype=torch.float32, **kwargs).eval()
+    check_vocabulary(model.config.text_config, processor.tokenizer, str(repo))
     image = Image.linear_gradient("L").convert("RGB").resize((320, 240))
     with torch.no_grad():
         return model(**processor(images=image, text=CHAT_QUESTION)).logits
 
 
-def converted_paint_image(repo: str | Path) -> torch.Tensor:
-    """The converted VisCPM-Paint image (``(1, 3, H, W)`` in [0, 1]) for :data:`PAINT_CAPTION`, seed 0."""
-    from ..pipelines.viscpm_paint import VisCPMPaintPipeline
+def converted_paint_image(repo: str | Path, trust_remote_code: bool = False) -> torch.Tensor:
+    """The converted VisCPM-Paint image (``(1, 3, H, W)`` in [0, 1]) for :data:`PAINT_CAPTION`, seed 0.
 
-    # A repo that ships its code (export_remote_code) runs that code, generated from this package's.
-    pipe = VisCPMPaintPipeline.from_pretrained(repo, torch_dtype=torch.float32, trust_remote_code=True)
+    Without ``trust_remote_code`` the pipeline is assembled from the plugin's classes, component by component, so
+    that none of the repo's own code runs; with it, ``DiffusionPipeline`` loads the repo as it ships.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+
+    from ..models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
+    from ..pipelines.viscpm_paint import VisCPMPaintPipeline, VisCPMPaintTextEncoder
+    from .convert_cpmbee import check_vocabulary
+
+    repo = _local_repo(repo)
+    if trust_remote_code:
+        pipe = DiffusionPipeline.from_pretrained(repo, torch_dtype=torch.float32, trust_remote_code=True)
+    else:
+        pipe = VisCPMPaintPipeline(
+            vae=AutoencoderKL.from_pretrained(repo / "vae", torch_dtype=torch.float32),
+            text_encoder=VisCPMPaintTextEncoder.from_pretrained(repo / "text_encoder", dtype=torch.float32),
+            tokenizer=CpmBeeTokenizer.from_pretrained(repo / "tokenizer"),
+            unet=UNet2DConditionModel.from_pretrained(repo / "unet", torch_dtype=torch.float32),
+            scheduler=DDPMScheduler.from_pretrained(repo / "scheduler"),
+        )
+    check_vocabulary(pipe.text_encoder.config.cpmbee_config, pipe.tokenizer, str(repo))
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     return pipe(PAINT_CAPTION, num_inference_steps=PAINT_STEPS, generator=generator, output_type="pt").images
@@ -321,13 +365,24 @@ CONVERTED_RUNS = {
 
 
 def verify(
-    original: str | Path, converted: str | Path, kind: str, original_config: str | Path | dict | None = None
+    original: str | Path,
+    converted: str | Path,
+    kind: str,
+    original_config: str | Path | dict | None = None,
+    trust_remote_code: bool = False,
 ) -> Report:
-    """Run the converted repo (and the original when possible); see the module docstring."""
+    """Confirm the repo's shard checksums, run it (and the original when possible); see the module docstring.
+
+    The repo is run with this package's classes; only with ``trust_remote_code`` does its own shipped code run.
+    """
+    from ._io import verify_checksums
+
     kind = KINDS.get(kind, kind)
     output, run = CONVERTED_RUNS[kind]
-    ours = run(converted)
+    shards = verify_checksums(_local_repo(converted))
+    ours = run(converted, trust_remote_code=trust_remote_code)
     report = _checksums(kind, output, ours)
+    report.shards_verified = len(shards)
     config = original_config
     if config is not None and not isinstance(config, dict):
         config = _read_json(config)
@@ -361,9 +416,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference (default 1e-4)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="load the repo with the Python code it ships (runs that code); by default this package's classes are used",
+    )
     args = parser.parse_args(argv)
-    with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the report
-        report = verify(args.original, args.converted, args.kind, args.original_config)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the report
+            report = verify(args.original, args.converted, args.kind, args.original_config, args.trust_remote_code)
+    except CheckpointError as err:
+        print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     print(json.dumps(report.__dict__) if args.json else "\n".join(report.lines()))
     if report.max_abs_diff is not None and report.max_abs_diff > args.tolerance:
         print(f"error: difference {report.max_abs_diff:.3e} exceeds the tolerance {args.tolerance:g}", file=sys.stderr)

@@ -6,8 +6,17 @@ import json
 import os
 from typing import Any
 
-from huggingface_hub.dataclasses import strict
+from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers import PreTrainedConfig
+from transformers.utils.type_validators import interval, probability
+
+
+@as_validated_field
+def positive_int(value: int) -> None:
+    """A size or count: an integer >= 1 (checked here: annotations are not evaluated under postponed evaluation)."""
+    if type(value) is not int or value < 1:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+
 
 # Keys of the original `CPMBeeConfig` JSON that map one-to-one onto our fields.
 _ORIGINAL_KEYS = (
@@ -80,19 +89,19 @@ class CpmBeeConfig(PreTrainedConfig):
         "encoder.layers.*.ffn.ffn.w_out": "rowwise",
     }
 
-    vocab_size: int = 86583
-    dim_model: int = 4096
-    dim_ff: int = 10240
-    num_layers: int = 48
-    num_heads: int = 32
-    dim_head: int = 128
-    dropout_p: float | int = 0.0
-    position_bias_num_buckets: int = 256
-    position_bias_num_segment_buckets: int = 256
-    position_bias_max_distance: int = 2048
-    eps: float = 1e-6
+    vocab_size: int = positive_int(default=86583)
+    dim_model: int = positive_int(default=4096)
+    dim_ff: int = positive_int(default=10240)
+    num_layers: int = positive_int(default=48)
+    num_heads: int = positive_int(default=32)
+    dim_head: int = positive_int(default=128)
+    dropout_p: float | int = probability(default=0.0)
+    position_bias_num_buckets: int = positive_int(default=256)
+    position_bias_num_segment_buckets: int = positive_int(default=256)
+    position_bias_max_distance: int = positive_int(default=2048)
+    eps: float = interval(min=0, exclude_min=True)(default=1e-6)
     mask_modules: list[list[bool]] | None = None
-    init_std: float = 1.0
+    init_std: float = interval(min=0)(default=1.0)
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
@@ -140,4 +149,4 @@ class CpmBeeConfig(PreTrainedConfig):
         return cls(**fields)
 
 
-__all__ = ["CpmBeeConfig"]
+__all__ = ["CpmBeeConfig", "positive_int"]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -85,6 +86,14 @@ class CpmBeeTokenizerLike(Protocol):
     def convert_tokens_to_ids(self, tokens: str) -> int: ...
 
     def decode(self, token_ids: list[int], ext_table: Mapping[int, str] | None = None) -> str: ...
+
+
+# Deepest dict nesting accepted. Relation buckets already saturate at MAX_DEPTH - 1 steps, so deeper levels add no
+# information; the bound keeps the encoder's recursion far from Python's limit.
+MAX_NESTING = 64
+# Most segments (root, keys and leaves) of one dict: `segment_rel` is a dense (n, n) table per sample (the model looks
+# relations up by pair), 2048 segments already make it 4M entries (32 MB).
+MAX_SEGMENTS = 2048
 
 
 class CpmBeeMarkup(str):
@@ -224,6 +233,26 @@ def _to_markup(text: Any, tokenizer: CpmBeeTokenizerLike, raw: bool) -> str:
     return text if raw or isinstance(text, CpmBeeMarkup) else tokenizer.escape(text)
 
 
+def _check_tree(data: Any) -> None:
+    """Refuse a prompt the encoder cannot represent: nested deeper than MAX_NESTING, or a dict that contains itself.
+
+    Iterative, so that even a 100,000-level dict gets this `ValueError` rather than a `RecursionError`.
+    """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a CPM-Bee prompt must be a dict, got {type(data).__name__}")
+    stack: list[tuple[Any, int, frozenset[int]]] = [(data, 1, frozenset())]
+    while stack:
+        value, depth, ancestors = stack.pop()
+        if not isinstance(value, Mapping):
+            continue
+        if id(value) in ancestors:
+            raise ValueError("A CPM-Bee prompt dict contains itself (a cycle): it cannot be flattened into segments.")
+        if depth > MAX_NESTING:
+            raise ValueError(f"A CPM-Bee prompt is nested deeper than {MAX_NESTING} dict levels.")
+        inside = ancestors | {id(value)}
+        stack.extend((child, depth + 1, inside) for child in value.values())
+
+
 def _segments(data: Mapping[str, Any], tokenizer: CpmBeeTokenizerLike, markup: bool) -> list[_Segment]:
     """Flatten the dict tree in the original's order: root, then each key followed by its value."""
     segments = [_Segment(ROOT_MARKUP, (0,), False, False)]
@@ -241,9 +270,14 @@ def _segments(data: Mapping[str, Any], tokenizer: CpmBeeTokenizerLike, markup: b
                 _Segment(_to_markup(value, tokenizer, markup), (*parent, len(segments)), is_answer, is_image)
             )
 
-    if not isinstance(data, Mapping):
-        raise TypeError(f"a CPM-Bee prompt must be a dict, got {type(data).__name__}")
+    _check_tree(data)
     visit(data, (0,), 1, False, False)
+    if len(segments) > MAX_SEGMENTS:
+        raise ValueError(
+            f"A CPM-Bee prompt has {len(segments)} segments (the root, every key and every leaf); at most "
+            f"{MAX_SEGMENTS} are supported, since each sample carries a {MAX_SEGMENTS}x{MAX_SEGMENTS} relation table. "
+            "Put long lists into one string value instead of one key each."
+        )
     return segments
 
 
@@ -254,22 +288,26 @@ def _relation_bucket(n_up: int, n_down: int) -> int:
 
 
 def _segment_relations(segments: Sequence[_Segment]) -> list[int]:
-    """Flattened (n, n) relation buckets: steps from each segment up to the common ancestor and down again."""
+    """Flattened (n, n) relation buckets: steps from each segment up to the common ancestor and down again.
+
+    Vectorised over all pairs (the common prefix of two paths grows one tree level at a time), so the cost is
+    n * n * depth array operations instead of as many Python steps.
+    """
     n = len(segments)
-    rel = [0] * (n * n)
-    for a, seg_a in enumerate(segments):
-        for b in range(a + 1, n):
-            path_b = segments[b].path
-            common = 0
-            for x, y in zip(seg_a.path, path_b):
-                if x != y:
-                    break
-                common += 1
-            up = min(len(seg_a.path) - common, MAX_DEPTH - 1)
-            down = min(len(path_b) - common, MAX_DEPTH - 1)
-            rel[a * n + b] = _relation_bucket(up, down)
-            rel[b * n + a] = _relation_bucket(down, up)
-    return rel
+    depths = np.array([len(segment.path) for segment in segments])
+    paths = np.full((n, int(depths.max())), -1, dtype=np.int64)
+    for i, segment in enumerate(segments):
+        paths[i, : len(segment.path)] = segment.path
+    common = np.zeros((n, n), dtype=np.int64)
+    shared = np.ones((n, n), dtype=bool)
+    for level in range(paths.shape[1]):
+        column = paths[:, level]
+        shared &= (column[:, None] == column[None, :]) & (column[:, None] >= 0)
+        common += shared
+    up = np.minimum(depths[:, None] - common, MAX_DEPTH - 1)
+    down = np.minimum(depths[None, :] - common, MAX_DEPTH - 1)
+    bucket = up * MAX_DEPTH + down
+    return np.where(bucket > 0, bucket + 1, 0).ravel().tolist()
 
 
 class _BaseIds(dict):
@@ -371,10 +409,20 @@ def _encode_row(
     markup: bool,
 ) -> tuple[_Row, list[tuple[int, int]], list[tuple[str, ...]], _ExtState]:
     """The original `_convert_to_tensors`: the query without its answer tokens, then the in-context samples."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    _check_tree(data)  # before `_with_placeholders` walks the answer tree
     query, placeholders = _with_placeholders(data)
     state = _ExtState()
     sample = _encode_sample(query, tokenizer, vocab, state, markup)
     kept = len(sample.input_ids) if max_length is None else min(max_length, len(sample.input_ids))
+    if kept < len(sample.input_ids):
+        warnings.warn(
+            f"max_length={max_length} cuts the CPM-Bee prompt from {len(sample.input_ids)} tokens to {kept}"
+            " (the original's max_inp_length); the rest of the prompt is dropped.",
+            UserWarning,
+            stacklevel=3,
+        )
     placeholder_number = {f"<ans_{number}>": number for number in range(1, len(placeholders) + 1)}
     answer_id = {
         token_id: placeholder_number[text] for token_id, text in state.table.items() if text in placeholder_number

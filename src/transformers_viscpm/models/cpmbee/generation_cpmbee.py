@@ -54,6 +54,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.processing_utils import Unpack
 
+from ...quantization import embedding_execution_device
 from .encoding_cpmbee import CpmBeeSampleInfo, encode_structured
 from .structure_cpmbee import (
     CHAT_KEYS,
@@ -448,7 +449,7 @@ def generate_answers(
     [`cpmbee_beam_search`].
     """
     encoding, infos = encode_structured(tokenizer, data_list, max_length=max_input_length, markup=markup)
-    encoding = encoding.to(model.device)
+    encoding = encoding.to(embedding_execution_device(model))
     results = cpmbee_beam_search(model, encoding, infos, generation_config, inputs_embeds=inputs_embeds, **kwargs)
     return [
         info.fill_answers(data, info.decode_answers(tokenizer, pairs))

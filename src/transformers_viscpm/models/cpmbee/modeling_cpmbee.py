@@ -29,6 +29,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from ...quantization import memory_footprint
 from .configuration_cpmbee import CpmBeeConfig
 from .generation_cpmbee import CpmBeeGenerationMixin
 from .structure_cpmbee import (
@@ -199,6 +200,7 @@ def project_to_vocabulary(hidden_states: torch.Tensor, lm_head: nn.Linear) -> to
         or hidden_states.dtype != torch.float32
         or rows.shape[0] > 64
         or type(lm_head) is not nn.Linear
+        or type(weight.data) is not torch.Tensor  # a quantized tensor subclass has its own kernels
         or lm_head._forward_hooks
         or lm_head._forward_pre_hooks
         or hasattr(lm_head, "_hf_hook")
@@ -465,6 +467,9 @@ class CpmBeePreTrainedModel(PreTrainedModel):
         "hidden_states": CpmBeeTransformerBlock,
         "attentions": CpmBeeAttention,
     }
+
+    # Counts the packed data of quantized weights (transformers' own counts their unquantized size).
+    get_memory_footprint = memory_footprint
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -51,11 +51,14 @@ def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
     `</n>` and `</_>` become "\\n" and " " with their ids.
     """
     vocab: dict[str, int] = {}
-    with open(vocab_file, encoding="utf-8") as reader:
-        for line in reader:
-            token = line[:-1] if line.endswith("\n") else line
-            if token:
-                vocab[token] = len(vocab)  # the original's numbering, duplicates included
+    try:
+        with open(vocab_file, encoding="utf-8") as reader:
+            for line in reader:
+                token = line[:-1] if line.endswith("\n") else line
+                if token:
+                    vocab[token] = len(vocab)  # the original's numbering, duplicates included
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{vocab_file}: not a UTF-8 CPM-Bee vocabulary ({e})") from e
     for spelling, text in _FILE_SPELLINGS.items():
         vocab[text] = vocab.pop(spelling)
     return vocab

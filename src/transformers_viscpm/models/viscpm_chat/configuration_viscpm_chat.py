@@ -2,8 +2,9 @@
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.utils.type_validators import interval
 
-from ..cpmbee.configuration_cpmbee import CpmBeeConfig
+from ..cpmbee.configuration_cpmbee import CpmBeeConfig, positive_int
 
 
 @strict
@@ -47,17 +48,17 @@ class VisCPMChatVisionConfig(PreTrainedConfig):
     model_type = "viscpm_chat_vision"
     base_config_key = "vision_config"
 
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-    hidden_size: int = 1024
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    intermediate_size: int = 4096
+    image_size: int = positive_int(default=224)
+    patch_size: int = positive_int(default=16)
+    num_channels: int = positive_int(default=3)
+    hidden_size: int = positive_int(default=1024)
+    num_hidden_layers: int = positive_int(default=24)
+    num_attention_heads: int = positive_int(default=16)
+    intermediate_size: int = positive_int(default=4096)
     hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-5
-    max_text_positions: int = 1024
-    initializer_range: float = 0.02
+    layer_norm_eps: float = interval(min=0, exclude_min=True)(default=1e-5)
+    max_text_positions: int = positive_int(default=1024)
+    initializer_range: float = interval(min=0)(default=0.02)
 
     def validate_architecture(self):
         """Part of `@strict` validation: the shapes must tile."""
@@ -99,7 +100,7 @@ class VisCPMChatConfig(PreTrainedConfig):
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    query_num: int = 64
+    query_num: int = positive_int(default=64)
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 

@@ -1,8 +1,14 @@
 """Image processor of VisCPM-Chat (PIL backend only: the package must not need torchvision)."""
 
+import base64
+import binascii
+import os
+from io import BytesIO
 from typing import Any
 
 import numpy as np
+import PIL.Image
+import PIL.ImageOps
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import (
     IMAGENET_STANDARD_MEAN,
@@ -17,6 +23,19 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 
 
+class VisCPMChatImagesKwargs(ImagesKwargs, total=False):
+    """
+    apply_exif_orientation (`bool`, defaults to False):
+        Rotate / flip images by their EXIF orientation tag (`PIL.ImageOps.exif_transpose`) before resizing. The
+        original does not, so the default keeps its pixels; either way paths, URLs and PIL images get the same rule.
+    url_timeout (`float`, defaults to 10.0):
+        Seconds to wait for an image URL (connect and each read) before a `ValueError`.
+    """
+
+    apply_exif_orientation: bool
+    url_timeout: float
+
+
 class VisCPMChatImageProcessor(PilBackend):
     r"""
     Bit-exact port of VisCPM's evaluation transform (`build_transform(is_train=False)`: torchvision
@@ -29,7 +48,12 @@ class VisCPMChatImageProcessor(PilBackend):
     original's documented usage, `Image.open(path).convert("RGB")`: PIL's plain `convert("RGB")`, so an alpha
     channel is dropped, not composited onto a background. Arrays get the same rule (one channel is repeated, a
     fourth channel dropped); float arrays are rounded to 8 bits first, because the original resizes 8-bit images.
-    Anything else (an empty image, another channel count, another dtype, values out of range) raises `ValueError`.
+    Anything else (an empty image, another channel count, another dtype, values out of range or not finite) raises
+    `ValueError`.
+
+    Strings are image files, `http(s)://` URLs (fetched with a `url_timeout`) or `data:image/...;base64,` URIs, opened
+    with PIL exactly as a PIL image passed in would be: without EXIF rotation, as the original, unless
+    `apply_exif_orientation=True` (which then applies to PIL images too).
     """
 
     model_input_names = ["pixel_values"]
@@ -43,9 +67,24 @@ class VisCPMChatImageProcessor(PilBackend):
     rescale_factor = 1 / 255
     do_normalize = True
     do_convert_rgb = True
+    apply_exif_orientation = False
+    url_timeout = 10.0
+    valid_kwargs = VisCPMChatImagesKwargs
 
-    def __init__(self, **kwargs: Unpack[ImagesKwargs]):
+    def __init__(self, **kwargs: Unpack[VisCPMChatImagesKwargs]):
         super().__init__(**kwargs)
+
+    def fetch_images(self, image_url_or_urls: Any) -> Any:
+        """Open strings (paths, URLs, data URIs) as PIL images; everything else passes through unchanged.
+
+        Unlike transformers' `load_image`, nothing is EXIF-rotated or converted here: `process_image` applies one
+        rule to every PIL image, however it came.
+        """
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, str):
+            return _open_image(image_url_or_urls, self.url_timeout)
+        return image_url_or_urls
 
     def _prepare_images_structure(self, images: ImageInput, expected_ndims: int = 3) -> list[Any]:
         """A flat list of single images; 2-D arrays are grayscale images, 4-D arrays are batches."""
@@ -77,6 +116,8 @@ class VisCPMChatImageProcessor(PilBackend):
     ) -> np.ndarray:
         """One image as a channels-first uint8 RGB array, converted the way the original's callers do."""
         if is_pil_image(image):
+            if self.apply_exif_orientation:
+                image = PIL.ImageOps.exif_transpose(image)
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"Got an empty image of size {image.size}.")
             if image.mode != "RGB":
@@ -88,6 +129,37 @@ class VisCPMChatImageProcessor(PilBackend):
             image = image.detach().cpu()
             image = (image.float() if image.is_floating_point() else image).numpy()
         return _array_to_rgb_uint8(image, input_data_format, do_convert_rgb)
+
+
+def _open_image(source: str, timeout: float) -> PIL.Image.Image:
+    """A path, `http(s)://` URL or `data:image/...;base64,` URI as a loaded PIL image; one `ValueError` otherwise."""
+    name = source if len(source) <= 200 else source[:200] + "..."
+    if source.startswith(("http://", "https://")):
+        import httpx  # huggingface_hub's HTTP client; only URLs need it
+
+        try:
+            response = httpx.get(source, timeout=timeout, follow_redirects=True)
+            response.raise_for_status()
+        except httpx.TimeoutException:
+            raise ValueError(f"Fetching the image {name} timed out after {timeout} s.") from None
+        except httpx.HTTPError as err:
+            raise ValueError(f"Cannot fetch the image {name}: {err}") from None
+        data: Any = BytesIO(response.content)
+    elif source.startswith("data:image/") and ";base64," in source:
+        try:
+            data = BytesIO(base64.b64decode(source.split(",", 1)[1], validate=True))
+        except binascii.Error as err:
+            raise ValueError(f"Cannot decode the image data URI {name}: {err}") from None
+    elif os.path.isfile(source):
+        data = source
+    else:
+        raise ValueError(f"Image not found: {name!r} is neither a file, an http(s) URL nor a data URI.")
+    try:
+        with PIL.Image.open(data) as image:
+            image.load()
+            return image.copy()  # keeps `info`, so EXIF orientation stays readable
+    except (PIL.UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"Cannot read the image {name}: {err}") from None
 
 
 def _ndim(image: Any) -> int | None:

@@ -72,14 +72,15 @@ class VisCPMChatVisionPositionEmbeddings(nn.Module):
         self.A = nn.Embedding(config.num_image_tokens + POSITION_OFFSET, config.hidden_size)
         self.B = nn.Embedding(config.max_text_positions, config.hidden_size)
 
-    def forward(self, num_queries: int) -> torch.Tensor:
+    def forward(self, num_queries: int, device: torch.device) -> torch.Tensor:
         if num_queries + POSITION_OFFSET > self.B.num_embeddings:
             raise ValueError(
                 f"{num_queries} queries need {num_queries + POSITION_OFFSET} text positions, the table has "
                 f"{self.B.num_embeddings} (config.max_text_positions)."
             )
-        image_positions = self.A.weight[POSITION_OFFSET:]
-        query_positions = self.B.weight[POSITION_OFFSET : POSITION_OFFSET + num_queries]
+        # Looked up through the tables' forward, not sliced from `.weight`: offloaded tables load in their hooks.
+        image_positions = self.A(torch.arange(POSITION_OFFSET, self.A.num_embeddings, device=device))
+        query_positions = self.B(torch.arange(POSITION_OFFSET, POSITION_OFFSET + num_queries, device=device))
         return torch.cat([image_positions, query_positions], dim=0)
 
 
@@ -194,7 +195,7 @@ class VisCPMChatVisionEncoder(nn.Module):
         self, inputs_embeds: torch.Tensor, split_position: int, **kwargs: Unpack[TransformersKwargs]
     ) -> torch.Tensor:
         num_queries = inputs_embeds.shape[1] - split_position
-        hidden_states = inputs_embeds + self.embed_positions(num_queries).to(inputs_embeds.dtype)
+        hidden_states = inputs_embeds + self.embed_positions(num_queries, inputs_embeds.device).to(inputs_embeds.dtype)
         for layer in self.layers:
             hidden_states = layer(hidden_states, split_position, **kwargs)
         return self.layer_norm(hidden_states, split_position)

@@ -35,6 +35,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ...quantization import embedding_execution_device, memory_footprint, own_weights_loaded
 from ..cpmbee.generation_cpmbee import CpmBeeGenerationMixin, cpmbee_beam_search
 from ..cpmbee.modeling_cpmbee import CpmBeeModel, cpmbee_logits_and_loss
 from ..cpmbee.structure_cpmbee import (
@@ -92,6 +93,8 @@ class VisCPMChatPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+    # Counts the packed data of quantized weights (transformers' own counts their unquantized size).
+    get_memory_footprint = memory_footprint
 
     def _init_weights(self, module: nn.Module) -> None:
         """VisCPM's `construct_query_parameter`: queries from a normal truncated at one std (0.02)."""
@@ -125,7 +128,8 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """Run BEiT-3 on the images and the queries; `pooler_output` holds the features mapped to the CPM-Bee width
         `(batch, query_num, text hidden size)`, `last_hidden_state` the raw query outputs."""
-        vision_outputs = self.vision_model(pixel_values=pixel_values, query_embeds=self.query, **kwargs)
+        with own_weights_loaded(self):  # `query` is this module's own weight, read outside `forward`
+            vision_outputs = self.vision_model(pixel_values=pixel_values, query_embeds=self.query, **kwargs)
         return BaseModelOutputWithPooling(
             last_hidden_state=vision_outputs.last_hidden_state,
             pooler_output=self.mapping(vision_outputs.last_hidden_state),
@@ -173,6 +177,10 @@ class VisCPMChatModel(VisCPMChatPreTrainedModel):
         if image_bound is None:
             raise ValueError("Image features need `image_bound` (from the processor) to find the image segment.")
         features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+        # NaN/Inf pixels or features would decode to `<sep><sep>...`; one check on the (batch, 64, dim) features.
+        if not torch.compiler.is_compiling() and not torch.isfinite(features).all():
+            source = "pixel_values" if pixel_values is not None else "vision_hidden_states"
+            raise ValueError(f"The image features from `{source}` contain NaN or infinite values.")
         mask = self.get_placeholder_mask(image_bound, inputs_embeds, features)
         return inputs_embeds.masked_scatter(mask, features), image_outputs
 
@@ -405,7 +413,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
         inputs, infos = processor.encode(
             images=image if vision_hidden_states is None else None, text=question, context=context
         )
-        inputs = inputs.to(self.device)
+        inputs = inputs.to(embedding_execution_device(self))
         pixel_values = inputs.pop("pixel_values", None)
         if pixel_values is not None:
             pixel_values = pixel_values.to(self.dtype)

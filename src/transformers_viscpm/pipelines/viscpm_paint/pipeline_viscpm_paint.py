@@ -23,6 +23,8 @@ arithmetic), with diffusers' calling conventions on top.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -67,6 +69,40 @@ def _left_pad(encoding: Mapping[str, torch.Tensor], length: int) -> dict[str, to
         value = encoding[key]
         padded[key] = torch.cat([value.new_zeros(value.shape[0], length - current), value], dim=1)
     return padded
+
+
+def _pad_batch(pairs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack per-prompt `(captions, length, dim)` states into `(batch, captions, length, dim)`, left-padding the
+    shorter ones with zeros; also the `(batch, length)` mask of that padding, or None when there is none."""
+    length = max(pair.shape[1] for pair in pairs)
+    if all(pair.shape[1] == length for pair in pairs):
+        return torch.stack(pairs), None
+    padded = [
+        torch.cat([pair.new_zeros(pair.shape[0], length - pair.shape[1], pair.shape[2]), pair], 1) for pair in pairs
+    ]
+    mask = torch.zeros(len(pairs), length, dtype=torch.long, device=pairs[0].device)
+    for i, pair in enumerate(pairs):
+        mask[i, length - pair.shape[1] :] = 1
+    return torch.stack(padded), mask
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_tensor(name: str, value: torch.Tensor | None, ndim: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor) or value.ndim != ndim:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"`{name}` must be a {ndim}-D tensor, got {shape}.")
+    if not value.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor, got {value.dtype}.")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
@@ -143,7 +179,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def _encode_captions(self, captions: list[str], device: torch.device, length: int | None = None) -> torch.Tensor:
-        """All captions in one left-padded CPM-Bee batch, so they share one length as the original pads them."""
+        """Captions in one left-padded CPM-Bee batch, so they share one length as the original pads them."""
         encoding, _ = encode_structured(self.tokenizer, [paint_prompt(caption) for caption in captions])
         if length is not None:
             encoding = _left_pad(encoding, length)
@@ -159,17 +195,22 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_attention_mask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         r"""
         Encode the prompt (and the unconditional / negative prompt) into UNet cross-attention states.
 
-        Prompt and negative prompt run through CPM-Bee as one batch padded to the longest of them: the original
-        pads the caption and the unconditional caption to one length and the UNet attends to every position,
-        padding included, so the padding is part of the conditioning. The negative prompt defaults to `""`.
+        Each prompt runs through CPM-Bee together with its own negative prompt, padded to the longer of the two: the
+        original pads the caption and the unconditional caption to one length and the UNet attends to every position,
+        padding included, so that padding is part of the conditioning. Prompts of different lengths are then
+        left-padded with zeros to one batch length, and that batching padding is masked out of the UNet's attention
+        (`encoder_attention_mask`): a prompt gives the same image alone or in any batch. The negative prompt
+        defaults to `""`.
 
         Returns:
             `(prompt_embeds, negative_prompt_embeds)`, each repeated `num_images_per_prompt` times;
-            `negative_prompt_embeds` is None without classifier-free guidance.
+            `negative_prompt_embeds` is None without classifier-free guidance. With `return_attention_mask`, also the
+            `(batch, length)` mask of the batching padding (1 = attend), or None when no prompt needed any.
         """
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -192,22 +233,34 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             else:
                 negatives = list(negative_prompt)
 
-        captions = prompts + negatives
-        if captions:
+        attention_mask = None
+        if prompts or negatives:
             given = prompt_embeds if prompt_embeds is not None else negative_prompt_embeds
-            encoded = self._encode_captions(captions, device, None if given is None else given.shape[1])
+            length = None if given is None else given.shape[1]
+            # One CPM-Bee batch per prompt: its caption and its negative, padded to their own common length.
+            pairs = [
+                self._encode_captions(prompts[i : i + 1] + negatives[i : i + 1], device, length)
+                for i in range(batch_size)
+            ]
+            encoded, attention_mask = _pad_batch(pairs)
             if prompt_embeds is None:
-                prompt_embeds = encoded[:batch_size]
+                prompt_embeds = encoded[:, 0]
             if negatives:
-                negative_prompt_embeds = encoded[-batch_size:]
+                negative_prompt_embeds = encoded[:, -1]
 
         # As stock SD pipelines: the text encoder's dtype, so that prompts encode without a UNet.
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
-        if not do_classifier_free_guidance:
-            return prompt_embeds, None
-        negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
-        return prompt_embeds, negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        else:
+            negative_prompt_embeds = None
+        if return_attention_mask:
+            return prompt_embeds, negative_prompt_embeds, attention_mask
+        return prompt_embeds, negative_prompt_embeds
 
     def check_prompt_safety(self, prompts: list[str], device: torch.device) -> None:
         """Refuse prompts the prompt safety classifier flags (the original prints a warning and draws nothing)."""
@@ -264,10 +317,35 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 1,
+        guidance_scale: float = 1.0,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        num_rerank_candidates: int = 1,
     ) -> None:
+        """Reject every bad argument up front, naming it, instead of failing deep in the UNet or drawing noise."""
+        for name, value in (("height", height), ("width", width)):
+            if not _is_positive_int(value):
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         if height % self.vae_scale_factor != 0 or width % self.vae_scale_factor != 0:
             raise ValueError(
                 f"`height` and `width` have to be divisible by {self.vae_scale_factor} but are {height} and {width}."
+            )
+        for name, value in (
+            ("num_images_per_prompt", num_images_per_prompt),
+            ("num_inference_steps", num_inference_steps),
+            ("num_rerank_candidates", num_rerank_candidates),
+        ):
+            if not _is_positive_int(value):
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+            raise ValueError(f"`guidance_scale` must be a number, got {guidance_scale!r}.")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"`output_type` must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}."
             )
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
@@ -280,10 +358,18 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError("Cannot forward both `prompt` and `prompt_embeds`; pass only one of them.")
         if prompt is None and prompt_embeds is None:
             raise ValueError("Provide either `prompt` or `prompt_embeds`.")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"`prompt` has to be of type `str` or `list` but is {type(prompt)}")
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise ValueError(f"`{name}` has to be a `str` or a list of `str`, but is {value!r:.80}")
+            if not value:
+                raise ValueError(f"`{name}` is an empty list: give at least one prompt.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Cannot forward both `negative_prompt` and `negative_prompt_embeds`; pass only one.")
+        _check_tensor("prompt_embeds", prompt_embeds, 3)
+        _check_tensor("negative_prompt_embeds", negative_prompt_embeds, 3)
+        _check_tensor("latents", latents, 4)
         if prompt_embeds is not None and negative_prompt_embeds is not None:
             if prompt_embeds.shape != negative_prompt_embeds.shape:
                 raise ValueError(
@@ -310,8 +396,13 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(
+                f"`latents` must have shape {shape} (batch = prompts x images per prompt x rerank candidates,"
+                f" latent channels, height and width / {self.vae_scale_factor}), got {tuple(latents.shape)}."
+            )
         else:
-            latents = latents.to(device)
+            latents = latents.to(device=device, dtype=dtype)
         # scale the initial noise by the standard deviation required by the scheduler
         return latents * self.scheduler.init_noise_sigma
 
@@ -391,8 +482,9 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             callback_on_step_end_tensor_inputs = ["latents"]
 
         # 0. Default height and width to unet
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        height = default_size if height is None else height
+        width = default_size if width is None else width
 
         # 1. Check inputs
         self.check_inputs(
@@ -403,6 +495,12 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             prompt_embeds,
             negative_prompt_embeds,
             callback_on_step_end_tensor_inputs,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            latents=latents,
+            output_type=output_type,
+            num_rerank_candidates=num_rerank_candidates,
         )
         self._guidance_scale = guidance_scale
         self._interrupt = False
@@ -417,7 +515,7 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             self.check_prompt_safety(prompts, device)
 
         # 3. Encode input prompt
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+        prompt_embeds, negative_prompt_embeds, encoder_attention_mask = self.encode_prompt(
             prompt,
             device,
             num_images_per_prompt * num_candidates,
@@ -425,10 +523,13 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             negative_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
+            return_attention_mask=True,
         )
         # One UNet batch for both halves of classifier-free guidance, unconditional first (as the original).
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            if encoder_attention_mask is not None:
+                encoder_attention_mask = torch.cat([encoder_attention_mask, encoder_attention_mask])
 
         # 4. Prepare timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -462,9 +563,13 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
                 latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
 
                 # predict the noise residual
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False)[
-                    0
-                ]
+                noise_pred = self.unet(
+                    latent_model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    encoder_attention_mask=encoder_attention_mask,
+                    return_dict=False,
+                )[0]
 
                 # perform guidance
                 if self.do_classifier_free_guidance:

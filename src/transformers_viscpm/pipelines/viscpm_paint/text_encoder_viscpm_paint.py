@@ -38,10 +38,12 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.processing_utils import Unpack
+from transformers.utils.type_validators import interval
 
-from ...models.cpmbee.configuration_cpmbee import CpmBeeConfig
+from ...models.cpmbee.configuration_cpmbee import CpmBeeConfig, positive_int
 from ...models.cpmbee.modeling_cpmbee import CpmBeeModel
 from ...models.cpmbee.structure_cpmbee import STOCK_KEYS, STRUCTURE_KEYS, CpmBeeStructureKwargs
+from ...quantization import memory_footprint
 
 __all__ = ["VisCPMPaintTextEncoder", "VisCPMPaintTextEncoderConfig"]
 
@@ -61,8 +63,8 @@ class VisCPMPaintTextEncoderConfig(PreTrainedConfig):
     sub_configs_defaults = {"cpmbee_config": CpmBeeConfig}
 
     cpmbee_config: dict | CpmBeeConfig | None = None
-    projection_dim: int = 1024
-    layer_norm_eps: float = 1e-6
+    projection_dim: int = positive_int(default=1024)
+    layer_norm_eps: float = interval(min=0, exclude_min=True)(default=1e-6)
 
 
 class VisCPMPaintTransBlock(nn.Module):
@@ -92,6 +94,8 @@ class VisCPMPaintTextEncoder(PreTrainedModel):
     _supports_sdpa = True
     # The CPM-Bee tensors of a structured encoding (DESIGN.md) that `forward` takes.
     encoder_input_names = (*STOCK_KEYS, *STRUCTURE_KEYS)
+    # Counts the packed data of quantized weights (transformers' own counts their unquantized size).
+    get_memory_footprint = memory_footprint
 
     def __init__(self, config: VisCPMPaintTextEncoderConfig) -> None:
         super().__init__(config)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 from transformers import (
     CompileConfig,
     DynamicCache,
@@ -21,6 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from transformers_viscpm.models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from transformers_viscpm.models.cpmbee.modeling_cpmbee import (
+    _BLOCKED_IS_FASTER,
     CpmBeeAttention,
     CpmBeeForCausalLM,
     cpmbee_attention_layout,
@@ -206,15 +209,13 @@ def test_too_small_static_cache_is_one_clear_error():
         fixture_model("small")(**fixture_inputs(fixture), cache=cache, use_cache=True)
 
 
-def test_static_cache_is_not_compiled_unless_asked(monkeypatch):
-    """On a GPU, stock `generate` compiles the forward whenever the cache is static; CPM-Bee's growing step inputs
-    would recompile it every step, so only an explicit `compile_config` compiles."""
+def test_static_cache_is_compiled_automatically_on_accelerators(monkeypatch):
+    """Decoding steps on a static cache have fixed shapes, so stock `generate` may compile them on a GPU."""
     model = fixture_model("small")
     monkeypatch.setattr(CpmBeeForCausalLM, "device", property(lambda self: torch.device("cuda")))
-    kwargs = {"cache": StaticCache(config=model.config, max_cache_len=8)}
-    assert not model._valid_auto_compile_criteria(kwargs, GenerationConfig(cache_implementation="static"))
-    explicit = GenerationConfig(cache_implementation="static", compile_config=CompileConfig())
-    assert model._valid_auto_compile_criteria(kwargs, explicit)
+    static = {"cache": StaticCache(config=model.config, max_cache_len=8)}
+    assert model._valid_auto_compile_criteria(static, GenerationConfig(cache_implementation="static"))
+    assert not model._valid_auto_compile_criteria({"cache": DynamicCache()}, GenerationConfig())
 
 
 def test_single_low_precision_query_takes_the_eager_maths_under_sdpa():
@@ -235,33 +236,24 @@ def test_single_low_precision_query_takes_the_eager_maths_under_sdpa():
     assert torch.equal(outputs["sdpa"], outputs["eager"])
 
 
-@pytest.mark.parametrize(
-    ("shape", "dtype"),
-    [
-        ((1, 1), torch.float32),
-        ((3, 1), torch.float32),
-        ((2, 3), torch.float32),
-        ((5, 13), torch.float32),
-        ((3, 1), torch.bfloat16),
-    ],
-)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 3), (4, 13)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_vocabulary_projection_equals_the_linear_layer(shape, dtype, threads):
-    """The fp32 CPU route (batched matmul over vocabulary blocks) computes `lm_head(x)`; others are `lm_head(x)`."""
-    lm_head = torch.nn.Linear(48, 1001, bias=False).to(dtype)  # a vocabulary the blocks do not divide
-    hidden = torch.randn(*shape, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            logits, expected = project_to_vocabulary(hidden, lm_head), lm_head(hidden)
-    finally:
-        torch.set_num_threads(previous)
-    assert logits.shape == (*shape, 1001)
-    if dtype == torch.float32:
-        torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
-    else:
-        assert torch.equal(logits, expected)
+def test_vocabulary_projection_is_the_linear_layer_by_either_route(shape, threads, monkeypatch):
+    """The measured choice is recorded once per (rows, shape, threads); both routes compute `lm_head(x)`."""
+    lm_head = torch.nn.Linear(48, 1001, bias=False)  # a vocabulary the blocks do not divide
+    hidden = torch.randn(*shape, 48, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    key = (shape[0] * shape[1], 1001, 48, threads)
+    with torch.no_grad():
+        expected = lm_head(hidden)
+        _BLOCKED_IS_FASTER.pop(key, None)
+        project_to_vocabulary(hidden, lm_head)
+        assert key in _BLOCKED_IS_FASTER
+        for blocked_is_faster in (True, False):
+            monkeypatch.setitem(_BLOCKED_IS_FASTER, key, blocked_is_faster)
+            torch.testing.assert_close(project_to_vocabulary(hidden, lm_head), expected, atol=1e-6, rtol=1e-6)
+    # With autograd on (training), only the linear layer runs.
+    assert torch.equal(project_to_vocabulary(hidden, lm_head), lm_head(hidden))
 
 
 def test_eager_and_sdpa_agree_on_incremental_steps():
@@ -490,3 +482,73 @@ def test_config_from_original_file_and_aliases():
         CpmBeeConfig.from_original_config({"dim_model": 8, "bogus": 1})
     with pytest.raises(Exception, match="mask_modules"):
         CpmBeeConfig(num_layers=2, mask_modules=[[False, False]])
+
+
+COMPILED_STEPS = 20
+
+
+def static_greedy_decode(model: CpmBeeForCausalLM, forward, fixture: dict) -> torch.Tensor:
+    """Prefill and `COMPILED_STEPS` greedy steps on a static cache, each step's inputs from
+    `prepare_inputs_for_generation` (the fixed-shape per-slot structure) and run by `forward`."""
+    inputs = {**fixture_inputs(fixture), "answer_segment_ids": answer_segment_ids(fixture)}
+    ids = inputs.pop("input_ids")
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + COMPILED_STEPS + 2)
+    for step in range(COMPILED_STEPS + 1):
+        step_inputs = model.prepare_inputs_for_generation(ids, cache=cache, is_first_iteration=step == 0, **inputs)
+        with torch.no_grad():
+            logits = forward(**step_inputs).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_fullgraph_compile_builds_prefill_and_decoding_once():
+    """`torch.compile(fullgraph=True)`: no graph break, one graph for the prefill and one for all 20 decoding steps
+    (their inputs have the same shapes), and the tokens of the eager model."""
+    fixture = load_fixture("small")
+    model = build_model(fixture["original_config"], fixture["seed"])
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = static_greedy_decode(model, torch.compile(model, fullgraph=True, backend=counter), fixture)
+    assert counter.frame_count <= 2
+    eager = static_greedy_decode(model, model, fixture)
+    assert torch.equal(compiled, eager)
+    assert len(set(eager[0, -COMPILED_STEPS:].tolist())) > 1, "the decoded tokens vary"
+
+
+def test_generate_compiles_static_cache_decoding():
+    """`generate(cache_implementation="static", compile_config=...)` compiles the decoding step once (full graph) and
+    returns the tokens of eager decoding."""
+    fixture = load_fixture("small")
+    model = build_model(fixture["original_config"], fixture["seed"])
+    model.generation_config.eos_token_id = None
+    inputs = {**fixture_inputs(fixture), "answer_segment_ids": answer_segment_ids(fixture)}
+    settings = {"max_new_tokens": COMPILED_STEPS, "do_sample": False, "pad_token_id": 0}
+    compile_config = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told otherwise
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(**inputs, **settings, cache_implementation="static", compile_config=compile_config)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2
+    assert torch.equal(compiled, model.generate(**inputs, **settings))
+
+
+def test_inductor_compiled_static_decoding_matches_eager():
+    """The one inductor test (it compiles C++ kernels): a 1-layer CPM-Bee, decoding through `generate` on a static
+    cache with the step compiled by the default backend, gives the tokens of eager decoding."""
+    config = CpmBeeConfig(
+        vocab_size=256, dim_model=32, dim_ff=64, num_layers=1, num_heads=2, dim_head=16, eos_token_id=None
+    )
+    config.position_bias_num_buckets = config.position_bias_num_segment_buckets = 16
+    config.position_bias_max_distance = 64
+    torch.manual_seed(0)
+    model = CpmBeeForCausalLM(config).eval()
+    input_ids = torch.randint(10, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=None)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(input_ids, **settings, cache_implementation="static", compile_config=compile_config)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled, model.generate(input_ids, **settings))
+    assert len(set(compiled[0, 12:].tolist())) > 1

@@ -74,6 +74,20 @@ class CpmBeeConfig(PreTrainedConfig):
         "rms_norm_eps": "eps",
         "attention_dropout": "dropout_p",
     }
+    # `from_pretrained(..., tp_plan="auto")`: heads and FFN columns sharded like llama's. The position-bias table
+    # `(buckets, heads)` is sharded on its head dimension ("rowwise" is the style that shards a parameter's last
+    # dimension) and its module runs on the local shard, so each rank biases only its own heads.
+    base_model_tp_plan = {
+        "position_bias.relative_attention_bias": "rowwise",
+        "position_bias": "local_params",
+        "encoder.layers.*.self_att.self_attention.project_q": "colwise",
+        "encoder.layers.*.self_att.self_attention.project_k": "colwise",
+        "encoder.layers.*.self_att.self_attention.project_v": "colwise",
+        "encoder.layers.*.self_att.self_attention.attention_out": "rowwise",
+        "encoder.layers.*.ffn.ffn.w_in.w_0": "colwise",
+        "encoder.layers.*.ffn.ffn.w_in.w_1": "colwise",
+        "encoder.layers.*.ffn.ffn.w_out": "rowwise",
+    }
 
     vocab_size: int = positive_int(default=86583)
     dim_model: int = positive_int(default=4096)

@@ -539,11 +539,16 @@ class CpmBeeGenerationMixin(GenerationMixin):
         device = input_ids.device
         prompt_length = position_ids.shape[-1]
         num_prefix = 0 if answer_segment_ids is None else 1
-        past_length = int(cache.get_seq_length()) if cache is not None else 0
-        if past_length > 0:
-            steps = past_length - prompt_length - num_prefix + 1
+        steps = max(input_ids.shape[1] - prompt_length, 0)
+        if cache is None:
+            past_length = 0
+        elif is_first_iteration:
+            past_length = int(cache.get_seq_length())  # a cache passed in may already hold tokens
+            if past_length > 0:
+                steps = past_length - prompt_length - num_prefix + 1
         else:
-            steps = max(input_ids.shape[1] - prompt_length, 0)
+            # A decoding step: everything but the newest token is cached (read from the shapes, not the device).
+            past_length = prompt_length + num_prefix + steps - 1
         generated = input_ids[:, input_ids.shape[1] - steps :]
 
         def prompt_or(name: str, fill) -> torch.Tensor:
@@ -578,6 +583,12 @@ class CpmBeeGenerationMixin(GenerationMixin):
             "segment_rel_offset": repeat_last(prompt_or("segment_rel_offset", 0)),
             "attention_mask": extend(prompt_or("attention_mask", 1), torch.ones_like(fed_ids)),
         }
+        slots = cache.get_max_length() if cache is not None else -1
+        if slots > prompt_length + fed_length:
+            # A static cache: one entry per slot (the unused ones are padding), so that every decoding step has the
+            # same input shapes and a compiled forward is built once.
+            padding = slots - prompt_length - fed_length
+            structure = {key: extend(value, value.new_zeros(batch, padding)) for key, value in structure.items()}
         query_length = prompt_length + fed_length - past_length
         prompt_part = max(query_length - fed_length, 0)
         fed_part = slice(fed_length - (query_length - prompt_part), fed_length)
@@ -619,14 +630,6 @@ class CpmBeeGenerationMixin(GenerationMixin):
         super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
-
-    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
-        """No automatic `torch.compile` when a static cache is used on a GPU: a step's inputs describe every token
-        seen so far (`(B, K)` structure tensors, one longer each step), so the compiled forward would be rebuilt at
-        every step (tens of seconds for a few tokens on an H100). An explicit `compile_config` is honoured."""
-        if generation_config.compile_config is None:
-            return False
-        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def _get_logits_processor(self, generation_config, *args, model_kwargs=None, **kwargs):
         """Stock processors, preceded by the original's per-sample `<unk>`/ext-table mask when the prompt has it."""

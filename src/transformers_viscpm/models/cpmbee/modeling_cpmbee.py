@@ -10,6 +10,7 @@ Token structure (how a structured CPM-Bee prompt becomes masks and position buck
 """
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 
@@ -96,13 +97,16 @@ def cpmbee_attention_layout(
     num_buckets: int,
     max_distance: int,
     position_ids: torch.Tensor,
+    query_start: int | torch.Tensor | None = None,
     **structure: Unpack[CpmBeeStructureKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one home of CPM-Bee's attention masks and position buckets.
 
     `position_ids` and every tensor of the token structure (all of [`CpmBeeTokenStructureKwargs`], and
     `segment_rel`) are `(batch, K)` over all the tokens attention can see (cached ones first); the queries are the
-    last `query_length` of them. Returns `(buckets, mask, query_valid)`:
+    `query_length` tokens from `query_start` on (default: the last ones). `query_start` may be a 0-d tensor (a
+    static cache's length: every slot is a key, and no host synchronisation is needed to find the queries).
+    Returns `(buckets, mask, query_valid)`:
 
     - `buckets` `(batch, q, K)`: rows of the position-bias table. Inside one segment of one sample, the bidirectional
       relative-position bucket of `position_k - position_q`; across segments, `num_buckets + rel - 1` where `rel` is
@@ -116,7 +120,12 @@ def cpmbee_attention_layout(
     """
     batch, total_length = position_ids.shape
     device = position_ids.device
-    query = slice(total_length - query_length, total_length)
+    if query_start is None:
+        query_start = total_length - query_length
+    if isinstance(query_start, int):
+        query = slice(query_start, query_start + query_length)
+    else:
+        query = query_start + torch.arange(query_length, device=device)
     context, sample_ids, segment_rel = structure["context"], structure["sample_ids"], structure["segment_rel"]
     segment_ids, num_segments = structure["segment_ids"], structure["num_segments"]
     segment_rel_offset = structure["segment_rel_offset"]
@@ -150,19 +159,42 @@ def cpmbee_attention_layout(
     return buckets, mask, query_valid
 
 
-def project_to_vocabulary(hidden_states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-    """`lm_head(hidden_states)`, by a faster route for a few rows in fp32 on CPU.
+# (rows, vocab, dim, threads) -> whether the blocked route measured faster than `F.linear` in this process.
+_BLOCKED_IS_FASTER: dict[tuple[int, int, int, int], bool] = {}
 
-    There `F.linear` reaches MKL's GEMV for `x @ W.T`, which streams the `(vocab, dim)` matrix at a third of the
-    memory bandwidth and costs each extra row (beam) as much again: 11 ms per row for 86,583 x 512 on 2 cores, two
-    thirds of an fp32 decoding step. The same products as one batched matmul over vocabulary blocks,
-    `bmm(W_blocks, x.T)`, read `W` once at full speed: 2.4x for one row, 5.5x for three (see
-    `benchmarks/bench_cpmbee.py`). Other devices, dtypes, many rows or a wrapped `lm_head` keep `F.linear`.
+
+def _blocked_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(rows, weight)` as one batched matmul over vocabulary blocks (reads `weight` in one pass)."""
+    num_blocks = max(2, torch.get_num_threads())
+    vocab, dim = weight.shape
+    blocked = vocab - vocab % num_blocks
+    logits = torch.bmm(weight[:blocked].view(num_blocks, -1, dim), rows.t().expand(num_blocks, dim, rows.shape[0]))
+    return torch.cat([logits.permute(2, 0, 1).reshape(rows.shape[0], blocked), F.linear(rows, weight[blocked:])], 1)
+
+
+def _faster_seconds(first: Callable[[], object], second: Callable[[], object], rounds: int = 3) -> bool:
+    """Whether `first` beats `second`: best of `rounds` alternating runs each, after one warm-up run."""
+    best = [math.inf, math.inf]
+    for _ in range(rounds + 1):
+        for index, fn in enumerate((first, second)):
+            start = time.perf_counter()
+            fn()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best[0] < best[1]
+
+
+def project_to_vocabulary(hidden_states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+    """`lm_head(hidden_states)`; for a few fp32 rows on CPU by a blocked `bmm` instead when that measured faster.
+
+    MKL's GEMV for `x @ W.T` over the `(vocab, dim)` matrix is 2.4x slower than the blocked route on some CPUs and
+    2x faster on others, so neither is hard-wired: both are timed once per (rows, shape, threads) in this process,
+    outside autograd and compilation, and the faster one is kept. Everything else is `lm_head`.
     """
     weight = lm_head.weight
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])
     plain = (
         hidden_states.device.type != "cpu"
+        or type(weight) is not nn.Parameter
         or weight.device.type != "cpu"
         or weight.dtype != torch.float32
         or hidden_states.dtype != torch.float32
@@ -172,16 +204,17 @@ def project_to_vocabulary(hidden_states: torch.Tensor, lm_head: nn.Linear) -> to
         or lm_head._forward_hooks
         or lm_head._forward_pre_hooks
         or hasattr(lm_head, "_hf_hook")
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
     )
     if plain:
         return lm_head(hidden_states)
-    num_blocks = max(2, torch.get_num_threads())
-    vocab, dim = weight.shape
-    blocked = vocab - vocab % num_blocks
-    blocks = weight[:blocked].view(num_blocks, -1, dim)
-    logits = torch.bmm(blocks, rows.t().expand(num_blocks, dim, rows.shape[0]))  # (blocks, vocab / blocks, rows)
-    logits = torch.cat([logits.permute(2, 0, 1).reshape(rows.shape[0], blocked), F.linear(rows, weight[blocked:])], 1)
-    return logits.view(*hidden_states.shape[:-1], vocab)
+    key = (rows.shape[0], *weight.shape, torch.get_num_threads())
+    if key not in _BLOCKED_IS_FASTER:
+        _BLOCKED_IS_FASTER[key] = _faster_seconds(lambda: _blocked_linear(rows, weight), lambda: lm_head(rows))
+    if not _BLOCKED_IS_FASTER[key]:
+        return lm_head(hidden_states)
+    return _blocked_linear(rows, weight).view(*hidden_states.shape[:-1], weight.shape[0])
 
 
 def check_labels_follow_answers(labels: torch.Tensor, context: torch.Tensor | None) -> None:
@@ -289,7 +322,8 @@ class CpmBeeAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length = hidden_states.shape[:2]
         in_scale = math.sqrt(self.config.dim_model)
-        hidden_shape = (batch, length, self.num_heads, self.head_dim)
+        # `-1` heads: under tensor parallelism the projections hold only this rank's heads.
+        hidden_shape = (batch, length, -1, self.head_dim)
         query_states = self.project_q(hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
         key_states = self.project_k(hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
         value_states = self.project_v(hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
@@ -318,7 +352,7 @@ class CpmBeeAttention(nn.Module):
         # not know `query_valid`. A product, not a branch on the data: every step keeps the same graph.
         attn_output = attn_output * query_valid[:, :, None, None].to(attn_output.dtype)
         attn_output = attn_output.reshape(batch, length, -1)
-        attn_output = self.attention_out(attn_output).div_(math.sqrt(attn_output.shape[-1]))
+        attn_output = self.attention_out(attn_output).div_(math.sqrt(self.num_heads * self.head_dim))
         return attn_output, attn_weights
 
 
@@ -365,8 +399,9 @@ class CpmBeeFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = F.dropout(self.w_in(hidden_states), p=self.dropout_p, training=self.training)
-        # The output projection scales its input, not its output (the original's `scale_before=True`).
-        return self.w_out(hidden_states / math.sqrt(hidden_states.shape[-1]))
+        # The output projection scales its input, not its output (the original's `scale_before=True`), by its full
+        # fan-in (a tensor-parallel rank holds a slice of it).
+        return self.w_out(hidden_states / math.sqrt(self.w_out.in_features))
 
 
 class CpmBeeFFNBlock(nn.Module):
@@ -440,6 +475,8 @@ class CpmBeePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
+    # Decoding steps on a static cache have fixed shapes, no host synchronisation and no data-dependent branch.
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": CpmBeeTransformerBlock,
         "attentions": CpmBeeAttention,
@@ -484,8 +521,10 @@ class CpmBeeModel(CpmBeePreTrainedModel):
     def embed_input_ids(self, input_ids: torch.Tensor, input_id_subs: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings as the layers consume them: `E[id] / sqrt(dim)`, rotated by the sub-id."""
         embeds = self.input_embedding(input_ids) / math.sqrt(self.config.dim_model)
-        if input_id_subs is None or not bool(input_id_subs.any()):
-            return embeds  # rotating by 0 is the identity
+        if input_id_subs is None:
+            return embeds
+        # Rotating by a zero sub-id is exactly the identity (cos 0 = 1, sin 0 = 0): no data-dependent skip, which
+        # would synchronise with the device and break a compiled graph.
         return rotate_by_sub_ids(embeds, input_id_subs)
 
     def attention_bias(
@@ -494,45 +533,72 @@ class CpmBeeModel(CpmBeePreTrainedModel):
         structure: Mapping[str, torch.Tensor],
         key_valid: torch.Tensor,
         dtype: torch.dtype,
-        key_length: int,
+        query_start: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float `(B, heads, q, key_length)` attention bias (position bias, masked entries at the dtype minimum) and
-        the `(B, q)` valid-query mask, from the complete token `structure` (`STRUCTURE_KEYS` but `input_id_subs`).
-        Rows of padding queries are left unmasked so that no softmax sees an all-masked row; their outputs are
-        zeroed instead. Keys past the `K` real tokens (the unused slots a static cache hands attention) are masked
-        for every query."""
+        """Float `(B, heads, q, K)` attention bias (position bias, masked entries at the dtype minimum) and the
+        `(B, q)` valid-query mask, from the complete token `structure` (`STRUCTURE_KEYS` but `input_id_subs`) over
+        all `K` keys; the queries start at `query_start`. Rows of padding queries are left unmasked so that no
+        softmax sees an all-masked row; their outputs are zeroed instead. Unused slots of a static cache are keys
+        with `key_valid` False."""
         buckets, mask, query_valid = cpmbee_attention_layout(
             key_valid,
             query_length,
             self.config.position_bias_num_buckets,
             self.config.position_bias_max_distance,
+            query_start=query_start,
             **structure,
         )
         bias = self.position_bias(buckets).to(dtype)
-        bias = bias.masked_fill_((~mask & query_valid[:, :, None])[:, None], torch.finfo(dtype).min)
-        if key_length > bias.shape[-1]:
-            bias = F.pad(bias, (0, key_length - bias.shape[-1]), value=torch.finfo(dtype).min)
-        return bias.contiguous(), query_valid
+        masked = (~mask & query_valid[:, :, None])[:, None]
+        # Out of place: the bias is a transposed view, which an in-place fill would have to write through.
+        return torch.where(masked, torch.finfo(dtype).min, bias).contiguous(), query_valid
 
     @staticmethod
     def _complete_structure(
-        structure: dict[str, torch.Tensor], attention_mask: torch.Tensor | None, shape: tuple[int, int], device
+        structure: dict[str, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        batch: int,
+        past_length: int | torch.Tensor,
+        query_length: int,
+        key_length: int,
+        device: torch.device,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The given structure checked against `(batch, total_length)`, with the plain-causal-LM defaults filled in
-        (one sample, one segment, nothing is context, positions counting the unpadded tokens); and `key_valid`."""
-        for name in SEEN_TOKEN_KEYS:
-            tensor = attention_mask if name == "attention_mask" else structure.get(name)
-            if tensor is not None and tuple(tensor.shape) != shape:
+        """The given structure checked and spread over all `key_length` keys, with the plain-causal-LM defaults filled
+        in (one sample, one segment, nothing is context, positions counting the unpadded tokens); and `key_valid`.
+
+        The per-token tensors cover the `total_length` tokens so far, or (a static cache, whose length is a 0-d
+        tensor: fixed shapes for a compiled step) one entry per cache slot; unused slots are padding keys.
+        """
+        total_length = past_length + query_length
+        given = {name: attention_mask if name == "attention_mask" else structure.get(name) for name in SEEN_TOKEN_KEYS}
+        shapes = {name: tuple(tensor.shape) for name, tensor in given.items() if tensor is not None}
+        width = next(iter(shapes.values()))[-1] if shapes else key_length
+        needed = width if shapes else total_length
+        if isinstance(needed, int) and needed > key_length:
+            raise ValueError(
+                f"The cache holds {key_length} tokens, but this step needs {needed} ({needed - query_length} cached + "
+                f"{query_length} new): use a larger `max_cache_len`."
+            )
+        expected = width if width == key_length or not isinstance(total_length, int) else total_length
+        for name, shape in shapes.items():
+            if shape != (batch, expected):
                 raise ValueError(
-                    f"`{name}` must cover the cached and the current tokens: expected shape {shape}, "
-                    f"got {tuple(tensor.shape)}."
+                    f"`{name}` must cover the cached and the current tokens (or every slot of a static cache): "
+                    f"expected shape {(batch, expected)}, got {shape}."
                 )
-        key_valid = torch.ones(shape, dtype=torch.bool, device=device)
+
+        def as_slots(tensor: torch.Tensor) -> torch.Tensor:
+            return F.pad(tensor, (0, key_length - width)) if width < key_length else tensor
+
+        if isinstance(total_length, int) and total_length == key_length:
+            key_valid = torch.ones(batch, key_length, dtype=torch.bool, device=device)
+        else:
+            key_valid = (torch.arange(key_length, device=device) < total_length).expand(batch, key_length)
         if attention_mask is not None:
-            key_valid = key_valid & (attention_mask != 0)
+            key_valid = key_valid & (as_slots(attention_mask) != 0)
         if "num_segments" in structure:
-            key_valid = key_valid & (structure["num_segments"] != 0)
-        zeros = torch.zeros(shape, dtype=torch.long, device=device)
+            key_valid = key_valid & (as_slots(structure["num_segments"]) != 0)
+        zeros = torch.zeros(batch, key_length, dtype=torch.long, device=device)
         defaults = {
             "position_ids": (key_valid.long().cumsum(-1) - 1).clamp(min=0),
             "context": zeros.bool(),
@@ -540,9 +606,12 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             "num_segments": key_valid.long(),
             "segment_ids": zeros,
             "segment_rel_offset": zeros,
-            "segment_rel": zeros[:, :1],
         }
-        return {name: structure.get(name, default) for name, default in defaults.items()}, key_valid
+        complete = {
+            name: as_slots(structure[name]) if name in structure else default for name, default in defaults.items()
+        }
+        complete["segment_rel"] = structure.get("segment_rel", zeros[:, :1])
+        return complete, key_valid
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
@@ -570,20 +639,15 @@ class CpmBeeModel(CpmBeePreTrainedModel):
             cache = DynamicCache(config=self.config)
 
         batch, query_length = inputs_embeds.shape[:2]
-        # `int`: a static cache counts its tokens in a tensor.
-        total_length = query_length + (int(cache.get_seq_length()) if cache is not None else 0)
-        # A static cache hands attention all its `max_cache_len` slots (the bias masks the unused ones).
-        key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else total_length
-        if key_length < total_length:
-            raise ValueError(
-                f"The cache holds {key_length} tokens, but this step needs {total_length} ({total_length - query_length}"
-                f" cached + {query_length} new): use a larger `max_cache_len`."
-            )
+        # A static cache counts its tokens in a 0-d tensor, used as one: no host synchronisation.
+        past_length = cache.get_seq_length() if cache is not None else 0
+        # Keys: a dynamic cache's cached and current tokens; every `max_cache_len` slot of a static one.
+        key_length = cache.get_mask_sizes(query_length, 0)[0] if cache is not None else query_length
         structure, key_valid = self._complete_structure(
-            structure, attention_mask, (batch, total_length), inputs_embeds.device
+            structure, attention_mask, batch, past_length, query_length, key_length, inputs_embeds.device
         )
         attention_bias, query_valid = self.attention_bias(
-            query_length, structure, key_valid, inputs_embeds.dtype, key_length
+            query_length, structure, key_valid, inputs_embeds.dtype, past_length
         )
         hidden_states = self.encoder(inputs_embeds, attention_bias, query_valid, cache=cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)

@@ -132,7 +132,7 @@ def test_layout_configs_and_card(converted: Path, originals: tuple) -> None:
     card = (converted / "README.md").read_text()
     assert card.startswith("---\n") and "${" not in card
     assert "# VisCPM-Paint (balance)" in card and "balanced Chinese and English ability" in card
-    assert "`viscpm_paint_balance_checkpoint.pt`" in card and f'from_pretrained("{converted}")' in card
+    assert "`viscpm_paint_balance_checkpoint.pt`" in card and f'from_pretrained("{converted.name}")' in card
     assert "num_inference_steps=50, height=32, width=32" in card  # the tiny UNet draws 32x32
 
 

@@ -92,7 +92,7 @@ def test_every_usage_snippet_runs(
     repo = converted_repo(tmp_path_factory, kind, remote_code)
     text = _card(tmp_path_factory, kind, remote_code)
     # the converter rendered the local folder as the repo id; users load the hub repo
-    snippets = [s.replace(f'"{repo}"', f'"{REPO_IDS[kind]}"') for s in python_snippets(text)]
+    snippets = [s.replace(f'"{repo.name}"', f'"{REPO_IDS[kind]}"') for s in python_snippets(text)]
     # The card shows the original's 50 steps; two run the same code in a fraction of the time.
     snippets = [re.sub(r"num_inference_steps=\d+", "num_inference_steps=2", s) for s in snippets]
     assert snippets and all(REPO_IDS[kind] in s and str(repo) not in s for s in snippets)

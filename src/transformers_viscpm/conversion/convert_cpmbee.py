@@ -199,7 +199,7 @@ def convert_cpmbee(
             variant=variant,
             source_file=source.path.name,
             converter_version=__version__,
-            repo_id=push_to_hub or str(output_dir),
+            repo_id=push_to_hub or Path(output_dir).name,  # never a local absolute path
             snippet_max_new_tokens=beam_search.max_new_tokens,
             dtype=str(out_dtype).removeprefix("torch."),
         )

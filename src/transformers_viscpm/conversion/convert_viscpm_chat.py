@@ -172,7 +172,7 @@ def convert_viscpm_chat(
             variant_description=variant_description,
             source_file=source.path.name,
             converter_version=__version__,
-            repo_id=push_to_hub or str(output_dir),
+            repo_id=push_to_hub or Path(output_dir).name,  # never a local absolute path
             title=f"VisCPM-Chat ({variant})",
             pipeline_tag="image-text-to-text",
             dtype=str(out_dtype).removeprefix("torch."),

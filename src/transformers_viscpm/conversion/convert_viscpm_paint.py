@@ -274,7 +274,7 @@ def convert_viscpm_paint(
             variant_description=variant_description,
             source_file=source.path.name,
             converter_version=__version__,
-            repo_id=push_to_hub or str(output_dir),
+            repo_id=push_to_hub or Path(output_dir).name,  # never a local absolute path
             snippet_steps=ORIGINAL_STEPS,
             snippet_size=image_size,
             title=f"VisCPM-Paint ({variant})",

@@ -166,3 +166,31 @@ def test_paint_encode_prompt_needs_no_unet(tmp_path_factory):
     embeds, negative = pipe.encode_prompt("a cat", "cpu", 1, True)
     assert torch.equal(embeds, expected) and negative.shape == embeds.shape
     assert embeds.dtype == pipe.text_encoder.dtype
+
+
+def test_a_vocabulary_that_is_not_the_models_is_refused(chat, image, cpmbee, tmp_path_factory):
+    """A tokenizer from another repo would shift every ext id (they start at `vocab_size`): refused, not mis-decoded."""
+    import shutil
+
+    from transformers_viscpm.models.cpmbee.generation_cpmbee import generate_answers
+    from transformers_viscpm.models.cpmbee.tokenization_cpmbee import default_vocab_file
+    from transformers_viscpm.synthetic.paint import write_sd_base
+
+    vocab = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    shutil.copy(default_vocab_file(), vocab)
+    with vocab.open("a", encoding="utf-8") as extra:
+        extra.write("\n一个新词")
+    other = CpmBeeTokenizer(vocab_file=str(vocab))
+    assert other.vocab_size == CpmBeeTokenizer().vocab_size + 1
+    with pytest.raises(ValueError, match="vocabulary has 86584 entries, but the model has vocab_size=86583"):
+        generate_answers(cpmbee, other, PROMPTS[:1], max_new_tokens=2)
+    processor = type(chat.default_processor)(
+        chat.default_processor.image_processor, other, query_num=chat.config.query_num
+    )
+    with pytest.raises(ValueError, match="same repo"):
+        chat.chat(image, "What is in the image?", processor=processor, max_new_tokens=2)
+    sd_base = tmp_path_factory.mktemp("sd-base-vocab")
+    write_sd_base(sd_base)
+    pipe = build_pipeline(sd_base)
+    with pytest.raises(ValueError, match="the text encoder has vocab_size=86583"):
+        type(pipe)(**{**pipe.components, "tokenizer": other})

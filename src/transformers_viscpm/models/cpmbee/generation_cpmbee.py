@@ -67,11 +67,10 @@ from .structure_cpmbee import (
     pop_keys,
     select_keys,
 )
+from .tokenization_cpmbee import CpmBeeTokenizer, check_vocabulary_matches
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding
-
-    from .tokenization_cpmbee import CpmBeeTokenizer
 
 __all__ = [
     "BEAM_SEARCH_FIELD",
@@ -448,6 +447,7 @@ def generate_answers(
     `encode_structured`); `max_input_length` and `markup` go to the encoder, everything else to
     [`cpmbee_beam_search`].
     """
+    check_vocabulary_matches(tokenizer, model.config.get_text_config().vocab_size, "the model")
     encoding, infos = encode_structured(tokenizer, data_list, max_length=max_input_length, markup=markup)
     encoding = encoding.to(embedding_execution_device(model))
     results = cpmbee_beam_search(model, encoding, infos, generation_config, inputs_embeds=inputs_embeds, **kwargs)

@@ -238,6 +238,16 @@ class _FastMatcher:
             ids.append(self.lookup[pieces[0]])
 
 
+def check_vocabulary_matches(tokenizer: PreTrainedTokenizer, vocab_size: int, owner: str) -> None:
+    """Refuse a tokenizer whose vocabulary is not the model's: ext ids start at `vocab_size`, so a mismatch would
+    silently shift every unknown run and special token (e.g. a tokenizer and a model from different repos)."""
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(
+            f"The tokenizer's vocabulary has {tokenizer.vocab_size} entries, but {owner} has vocab_size={vocab_size}:"
+            " load the tokenizer and the model from the same repo."
+        )
+
+
 class CpmBeeTokenizer(PreTrainedTokenizer):
     """
     Construct a CPM-Bee tokenizer: greedy longest match over the CPM-Bee vocabulary, with CPM-Bee's markup and
@@ -698,4 +708,4 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         return (vocab_file,)
 
 
-__all__ = ["CpmBeeTokenizer"]
+__all__ = ["CpmBeeTokenizer", "check_vocabulary_matches"]

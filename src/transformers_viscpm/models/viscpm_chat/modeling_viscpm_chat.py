@@ -47,6 +47,7 @@ from ..cpmbee.structure_cpmbee import (
     VisCPMChatImageKwargs,
     pop_keys,
 )
+from ..cpmbee.tokenization_cpmbee import check_vocabulary_matches
 from .configuration_viscpm_chat import VisCPMChatConfig
 from .modeling_beit3 import VisCPMChatVisionModel
 
@@ -410,6 +411,7 @@ class VisCPMChatForConditionalGeneration(VisCPMChatPreTrainedModel, CpmBeeGenera
                 raise UnsafeImageError(
                     "The image safety checker flagged this image; VisCPM-Chat will not describe it."
                 )
+        check_vocabulary_matches(processor.tokenizer, self.config.text_config.vocab_size, "the model")
         inputs, infos = processor.encode(
             images=image if vision_hidden_states is None else None, text=question, context=context
         )

@@ -41,7 +41,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from ...models.cpmbee.encoding_cpmbee import encode_structured
 from ...models.cpmbee.structure_cpmbee import PER_TOKEN_KEYS
-from ...models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer
+from ...models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer, check_vocabulary_matches
 from .text_encoder_viscpm_paint import VisCPMPaintTextEncoder
 
 __all__ = ["VisCPMPaintPipeline", "paint_prompt"]
@@ -162,6 +162,8 @@ class VisCPMPaintPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError("`prompt_safety_checker` and `prompt_safety_tokenizer` go together.")
         if (reranker is None) != (reranker_processor is None):
             raise ValueError("`reranker` and `reranker_processor` go together.")
+        if tokenizer is not None and text_encoder is not None:
+            check_vocabulary_matches(tokenizer, text_encoder.config.cpmbee_config.vocab_size, "the text encoder")
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,

@@ -182,6 +182,19 @@ class _ExtTable:
             self.table[idx] = text
         return idx
 
+    def fill(self, ids: list[int], start: int, mark: int, runs: list[str]) -> None:
+        """Write the id of each of `runs`, in order, over the successive `mark` entries of `ids` from `start` on:
+        `id_for` without a call per run (most 200-character prompts hold a few runs)."""
+        known, table, base, index = self._ids, self.table, self._vocab_size, ids.index
+        at = start
+        for run in runs:
+            at = index(mark, at)
+            idx = known.get(run)
+            if idx is None:
+                idx = known[run] = len(known) + base
+                table[idx] = run
+            ids[at] = idx
+
 
 class _FastMatcher:
     """Leftmost-longest matching of CPM-Bee text into piece ids, with as little work per token as possible.
@@ -225,10 +238,7 @@ class _FastMatcher:
         parts = self.split_runs(text)
         at = len(ids)  # `ids` holds no MARK: every id before `at` is final
         self._extend_ids(ids, self.automaton.find_matches_as_strings(self.sentinel.join(parts[0::2])))
-        mark, index = self.MARK, ids.index
-        for run in parts[1::2]:
-            at = index(mark, at)
-            ids[at] = ext.id_for(run)
+        ext.fill(ids, at, self.MARK, parts[1::2])
 
     def _extend_ids(self, ids: list[int], pieces: list[str]) -> None:
         # One `itemgetter` call looks every piece up in C (faster than `map(dict.__getitem__, ...)`).

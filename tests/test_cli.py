@@ -218,3 +218,14 @@ def test_quantize_chat_and_paint(demo, tmp_path, bits) -> None:
                    "--steps", "2", "--height", "32", "--width", "32", "--quantize", bits)  # fmt: skip
     assert paint.returncode == 0, paint.stderr[-3000:]
     assert Image.open(target).size == (32, 32)
+
+
+def test_demo_repos_can_be_built_again(tmp_path) -> None:
+    """A second `viscpm demo` (README's first command, run twice) replaces its own repos instead of failing."""
+    from transformers_viscpm.demo import build_chat_repo, build_paint_repo
+
+    originals, repos = tmp_path / "originals", tmp_path / "converted"
+    originals.mkdir()
+    for _ in range(2):
+        assert (build_chat_repo(originals, repos) / "config.json").is_file()
+        assert (build_paint_repo(originals, repos) / "model_index.json").is_file()

@@ -75,7 +75,11 @@ def build_chat_repo(originals: Path, repos: Path, eos_scale: float = 6.0) -> Pat
     state_dict = original_chat_state_dict(include_mim_head=False, eos_scale=eos_scale)
     checkpoint = _save_original(state_dict, originals / "viscpm_chat_tiny_checkpoint.pt")
     return convert_viscpm_chat(
-        checkpoint, repos / "VisCPM-Chat-tiny", llm_config=tiny_chat_llm_config(), vision_config=TINY_CHAT_VISION
+        checkpoint,
+        repos / "VisCPM-Chat-tiny",
+        llm_config=tiny_chat_llm_config(),
+        vision_config=TINY_CHAT_VISION,
+        overwrite=True,  # the demo owns its output folder: a second run replaces the first
     )
 
 

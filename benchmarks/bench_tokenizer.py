@@ -175,9 +175,10 @@ def main() -> None:
     mb = len(text.encode("utf-8")) / 1e6
     start = time.perf_counter()
     tok = CpmBeeTokenizer()
-    tok.encode_markup("warm up")  # builds the automaton
+    tok.encode_markup("warm up")  # builds the matcher
     print(
-        f"text: {mb:.2f} MB, {len(text):,} characters; tokenizer + automaton built in {time.perf_counter() - start:.2f} s"
+        f"text: {mb:.2f} MB, {len(text):,} characters; tokenizer + matcher ({type(tok._matcher).__name__}) built in"
+        f" {time.perf_counter() - start:.2f} s"
     )
     rows = []
     for chunk_chars in args.chunk_chars:

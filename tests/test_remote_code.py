@@ -69,6 +69,20 @@ def test_flat_source_rewrites_package_imports_only() -> None:
     compile(source, "text_encoder_viscpm_paint.py", "exec")
 
 
+def test_flat_source_replaces_the_compiled_core_by_its_fallback() -> None:
+    # A repo carries no compiled code: the tokenizer's guarded import of its C core becomes `raise ImportError`, so
+    # remote code takes the automaton route (same ids), and no import of a missing sibling file is left.
+    original = (PACKAGE_DIR / "models/cpmbee/tokenization_cpmbee.py").read_text(encoding="utf-8")
+    source = flat_module_source("models.cpmbee.tokenization_cpmbee")
+    assert "    from ._longest_match import LongestMatcher\n" in original and "._longest_match" not in source
+    assert '    raise ImportError("compiled modules of transformers_viscpm are not part of this repo")\n' in source
+    assert source.count("\n") == original.count("\n") + 2
+    namespace: dict = {}
+    exec(compile(source.replace("from .encoding_cpmbee", "from transformers_viscpm.models.cpmbee.encoding_cpmbee"),
+                 "tokenization_cpmbee.py", "exec"), namespace)  # fmt: skip
+    assert namespace["LongestMatcher"] is None
+
+
 @pytest.mark.parametrize("kind", ["cpmbee", "viscpm_chat"])
 def test_exported_transformers_repo(tmp_path_factory: pytest.TempPathFactory, kind: str) -> None:
     repo = converted_repo(tmp_path_factory, kind, remote_code=True)

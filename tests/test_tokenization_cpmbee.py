@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from transformers_viscpm.models.cpmbee import tokenization_cpmbee
 from transformers_viscpm.models.cpmbee.encoding_cpmbee import CpmBeeBatchEncoding
 from transformers_viscpm.models.cpmbee.tokenization_cpmbee import CpmBeeTokenizer, default_vocab_file, split_markup
 
@@ -30,6 +31,34 @@ PAST_TABLES = [{int(k): v for k, v in table.items()} for table in GOLDEN["past_t
 @pytest.fixture(scope="module")
 def tok() -> CpmBeeTokenizer:
     return CpmBeeTokenizer()
+
+
+def without_native_core(**kwargs) -> CpmBeeTokenizer:
+    """A tokenizer on the automaton route, the one an install without the compiled C core takes."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenization_cpmbee, "LongestMatcher", None)
+        tok = CpmBeeTokenizer(**kwargs)
+        tok.encode_markup("x")  # builds the matcher
+    return tok
+
+
+@pytest.fixture(scope="module")
+def automaton_tok() -> CpmBeeTokenizer:
+    tok = without_native_core()
+    assert type(tok._matcher).__name__ == "_FastMatcher"
+    return tok
+
+
+@pytest.fixture(params=["native", "automaton"])
+def matching_tok(request, tok, automaton_tok) -> CpmBeeTokenizer:
+    """Each matching route of `encode_markup`: the C core and the automaton fallback."""
+    return tok if request.param == "native" else automaton_tok
+
+
+def encoder(tok: CpmBeeTokenizer, automaton_tok: CpmBeeTokenizer, path: str):
+    if path == "reference":
+        return lambda *args: encode_markup_reference(tok, *args)
+    return (tok if path == "native" else automaton_tok).encode_markup
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +93,15 @@ def test_fixture_matches_corpus_and_vocab(strings):
     assert len(strings) >= 3000
 
 
-@pytest.mark.parametrize("path", ["fast", "reference"])
-def test_golden_corpus(tok, strings, path):
-    encode = tok.encode_markup if path == "fast" else (lambda *args: encode_markup_reference(tok, *args))
+def test_the_native_core_is_built(tok):
+    # The C core is optional at install (a machine without a compiler gets the automaton); here it must be there.
+    tok.encode_markup("x")
+    assert type(tok._matcher).__name__ == "LongestMatcher", "the C matching core was not compiled: pip install -e ."
+
+
+@pytest.mark.parametrize("path", ["native", "automaton", "reference"])
+def test_golden_corpus(tok, automaton_tok, strings, path):
+    encode = encoder(tok, automaton_tok, path)
     results = [encode_or_none(encode, s) for s in strings]
     errors = [i for i, r in enumerate(results) if r is None]
     assert errors == GOLDEN["errors"]
@@ -78,9 +113,9 @@ def test_golden_corpus(tok, strings, path):
     assert hashlib.sha256("\n".join(c for c in canon if c is not None).encode()).hexdigest() == GOLDEN["digest"]
 
 
-@pytest.mark.parametrize("path", ["fast", "reference"])
-def test_golden_past_tables(tok, strings, path):
-    encode = tok.encode_markup if path == "fast" else (lambda *args: encode_markup_reference(tok, *args))
+@pytest.mark.parametrize("path", ["native", "automaton", "reference"])
+def test_golden_past_tables(tok, automaton_tok, strings, path):
+    encode = encoder(tok, automaton_tok, path)
     for i, expected in GOLDEN["chained"]:
         _, past = encode(strings[i])
         past_before = dict(past)
@@ -100,32 +135,34 @@ def test_golden_examples(tok):
     assert ext == {86590: "x", 86583: "😀", VOCAB_SIZE + 2: "𠀀", VOCAB_SIZE + 3: "<foo_1>"}
 
 
-def test_automaton_matches_reference_on_large_text(tok):
+def test_matching_equals_reference_on_large_text(matching_tok):
     text = corpus.plain_text(300_000)
-    markup = tok.escape(text)
-    assert tok.encode_markup(markup) == encode_markup_reference(tok, markup)
+    markup = matching_tok.escape(text)
+    assert matching_tok.encode_markup(markup) == encode_markup_reference(matching_tok, markup)
 
 
 @pytest.mark.parametrize(
     "text",
     ["\x00", "a\x00b", "\x00\x00", "😀", "😀a😀", "a😀b\x00c\td", "\ud800", "x\udfffy", "龘靐齉爩", "", "a", " \n "],
 )
-def test_fast_path_unknown_runs_and_sentinel(tok, text):
-    # Unknown runs at the start, middle and end, the sentinel character itself, lone surrogates.
-    markup = tok.escape(text)
-    assert tok.encode_markup(markup) == encode_markup_reference(tok, markup)
+def test_matching_unknown_runs_and_sentinel(matching_tok, text):
+    # Unknown runs at the start, middle and end, the automaton's sentinel character itself, lone surrogates.
+    markup = matching_tok.escape(text)
+    assert matching_tok.encode_markup(markup) == encode_markup_reference(matching_tok, markup)
 
 
-def test_fast_path_with_a_vocabulary_missing_single_characters(tmp_path):
-    # "x" and "é" occur only inside longer pieces: gaps are no longer the runs of unknown characters, so the
-    # tokenizer falls back to matching with positions; ids must still equal the reference path's.
+@pytest.mark.parametrize(("native", "route"), [(True, "LongestMatcher"), (False, "_PositionsMatcher")])
+def test_matching_with_a_vocabulary_missing_single_characters(tmp_path, native, route):
+    # "x" and "é" occur only inside longer pieces: gaps are no longer the runs of unknown characters, so without
+    # the C core the tokenizer falls back to matching with positions; ids must still equal the reference path's.
     vocab = ["<s>", "</s>", "<unk>", "<pad>", "<mask>", "</n>", "</_>", "a", "b", "ab", "abx", "xb", "bé", "bée"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    small = CpmBeeTokenizer(vocab_file=str(tmp_path / "vocab.txt"))
-    for text in ["abxb", "xbab", "x", "xxb", "béeb", "é", "ab x\nbé", "😀abx😀"]:
+    kwargs = {"vocab_file": str(tmp_path / "vocab.txt")}
+    small = CpmBeeTokenizer(**kwargs) if native else without_native_core(**kwargs)
+    for text in ["abxb", "xbab", "x", "xxb", "béeb", "é", "ab x\nbé", "😀abx😀", "a\ud800b", "\udfff"]:
         markup = small.escape(text)
         assert small.encode_markup(markup) == encode_markup_reference(small, markup), text
-    assert type(small._automaton).__name__ == "AhoCorasick"  # the positions path, not the fast matcher
+    assert type(small._matcher).__name__ == route
 
 
 # ---------------------------------------------------------------- markup rules
@@ -274,17 +311,19 @@ def test_decode_encode_roundtrip(tok, text):
 
 @settings(max_examples=100, deadline=None)
 @given(st.text(alphabet=st.characters(codec=None, exclude_categories=())))
-def test_roundtrip_with_surrogates(tok, text):
+def test_roundtrip_with_surrogates(tok, automaton_tok, text):
     enc = tok(text)
     assert tok.decode(enc.input_ids, ext_table=enc.ext_table) == text
-    assert tok.encode_markup(tok.escape(text)) == encode_markup_reference(tok, tok.escape(text))
+    expected = encode_markup_reference(tok, tok.escape(text))
+    assert tok.encode_markup(tok.escape(text)) == automaton_tok.encode_markup(tok.escape(text)) == expected
 
 
 @settings(max_examples=300, deadline=None)
 @given(any_markup, st.sampled_from([None, *PAST_TABLES]))
-def test_fast_path_equals_reference_on_markup(tok, markup, past):
+def test_matching_equals_reference_on_markup(tok, automaton_tok, markup, past):
     fast = encode_or_none(tok.encode_markup, markup, past)
     assert fast == encode_or_none(lambda *args: encode_markup_reference(tok, *args), markup, past)
+    assert fast == encode_or_none(automaton_tok.encode_markup, markup, past)
     if fast is not None and past is None:
         ids, ext = fast
         assert tok.encode_markup(tok.decode_markup(ids, ext))[0] == ids

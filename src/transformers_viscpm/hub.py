@@ -62,8 +62,21 @@ def _module_path(module: str) -> Path:
     return PACKAGE_DIR.joinpath(*module.split(".")).with_suffix(".py")
 
 
+def _native_imports(tree: ast.Module) -> set[ast.ImportFrom]:
+    """The imports of a compiled module inside ``try: ... except ImportError:`` (the module has a fallback). A flat
+    repo carries no compiled code: the export turns each into ``raise ImportError``, so the fallback runs."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers
+        ):
+            found.update(n for n in node.body if isinstance(n, ast.ImportFrom) and n.level and n.module)
+    return found
+
+
 def _package_imports(module: str) -> list[tuple[ast.ImportFrom | ast.Import, str | None]]:
-    """Every import statement of ``module`` that targets this package, with the module it resolves to.
+    """Every import statement of ``module`` that targets this package's Python modules, with the module it resolves
+    to (guarded imports of compiled modules, see `_native_imports`, are left out).
 
     The target is ``None`` for statements that cannot be flattened (``import transformers_viscpm...``), which the
     caller reports. Imports inside functions and ``TYPE_CHECKING`` blocks count: they run (or are type-checked) too.
@@ -71,8 +84,11 @@ def _package_imports(module: str) -> list[tuple[ast.ImportFrom | ast.Import, str
     path = _module_path(module)
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package_parts = module.split(".")[:-1]
+    native = _native_imports(tree)
     found: list[tuple[ast.ImportFrom | ast.Import, str | None]] = []
     for node in ast.walk(tree):
+        if node in native and not _module_path(_resolve(package_parts, node)).is_file():
+            continue
         if isinstance(node, ast.Import):
             if any(alias.name == PACKAGE or alias.name.startswith(PACKAGE + ".") for alias in node.names):
                 found.append((node, None))
@@ -80,14 +96,19 @@ def _package_imports(module: str) -> list[tuple[ast.ImportFrom | ast.Import, str
             if node.level:
                 if node.level - 1 > len(package_parts):
                     raise ValueError(f"{path}:{node.lineno}: relative import goes above the package")
-                base = package_parts[: len(package_parts) - (node.level - 1)]
-                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                target = _resolve(package_parts, node)
             elif node.module == PACKAGE or (node.module or "").startswith(PACKAGE + "."):
                 target = node.module.removeprefix(PACKAGE).lstrip(".")
             else:
                 continue
             found.append((node, target))
     return found
+
+
+def _resolve(package_parts: list[str], node: ast.ImportFrom) -> str:
+    """The package module a relative ``from`` import names, dotted relative to the package."""
+    base = package_parts[: len(package_parts) - (node.level - 1)]
+    return ".".join([*base, *(node.module.split(".") if node.module else [])])
 
 
 def module_closure(entries: Iterable[str]) -> list[str]:
@@ -133,6 +154,13 @@ def flat_module_source(module: str, extra_imports: Iterable[str] = ()) -> str:
         if count != 1:
             raise ValueError(f"{path}:{node.lineno}: cannot rewrite the import on this line")
         lines[row] = new
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in _native_imports(tree):
+        if not _module_path(_resolve(module.split(".")[:-1], node)).is_file():
+            row, indent = node.lineno - 1, lines[node.lineno - 1][: node.col_offset]
+            if node.end_lineno != node.lineno:
+                raise ValueError(f"{path}:{node.lineno}: write the guarded import of a compiled module on one line")
+            lines[row] = f'{indent}raise ImportError("compiled modules of {PACKAGE} are not part of this repo")\n'
     source = _GENERATED_HEADER.format(source=f"{PACKAGE}/{module.replace('.', '/')}.py") + "".join(lines)
     direct = {target for _, target in _package_imports(module)}
     extra = [m for m in extra_imports if m != module and m not in direct]

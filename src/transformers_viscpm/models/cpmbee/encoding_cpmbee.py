@@ -192,9 +192,7 @@ class CpmBeeBatchEncoding(BatchEncoding):
         conversion machinery, which costs a third of the time of encoding a 200-character prompt; `ext_table` is
         taken as is. The same object `CpmBeeBatchEncoding(data, ext_table=ext_table)` builds (tests check)."""
         encoding = cls.__new__(cls)
-        encoding.data = data
-        encoding._encodings = encoding._n_sequences = None
-        encoding.ext_table, encoding.sample_infos = ext_table, None
+        encoding.__dict__.update(data=data, _encodings=None, _n_sequences=None, ext_table=ext_table, sample_infos=None)
         return encoding
 
     def __getstate__(self) -> dict[str, Any]:

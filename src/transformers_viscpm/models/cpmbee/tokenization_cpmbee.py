@@ -30,6 +30,11 @@ from transformers.utils import PaddingStrategy, TensorType
 
 from .encoding_cpmbee import CpmBeeBatchEncoding, encode_structured
 
+try:  # the C matching core, compiled at install (pyproject.toml); without it an automaton does the matching
+    from ._longest_match import LongestMatcher
+except ImportError:  # pragma: no cover - a build without a C compiler
+    LongestMatcher = None
+
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.txt"}
 
 # `__call__` keyword arguments its direct path serves; any other goes through transformers' generic path.
@@ -182,19 +187,6 @@ class _ExtTable:
             self.table[idx] = text
         return idx
 
-    def fill(self, ids: list[int], start: int, mark: int, runs: list[str]) -> None:
-        """Write the id of each of `runs`, in order, over the successive `mark` entries of `ids` from `start` on:
-        `id_for` without a call per run (most 200-character prompts hold a few runs)."""
-        known, table, base, index = self._ids, self.table, self._vocab_size, ids.index
-        at = start
-        for run in runs:
-            at = index(mark, at)
-            idx = known.get(run)
-            if idx is None:
-                idx = known[run] = len(known) + base
-                table[idx] = run
-            ids[at] = idx
-
 
 class _FastMatcher:
     """Leftmost-longest matching of CPM-Bee text into piece ids, with as little work per token as possible.
@@ -231,14 +223,16 @@ class _FastMatcher:
         # Splits text into [known, run, known, run, ..., known]: the runs of characters outside every piece.
         self.split_runs = re.compile(f"({unknown}+)", re.DOTALL).split
 
-    def encode(self, text: str, ids: list[int], ext: _ExtTable) -> None:
+    def encode(self, text: str, ids: list[int], id_for: Callable[[str], int]) -> None:
         if self.find_unknown(text) is None:  # no unknown run: every character is matched
             self._extend_ids(ids, self.automaton.find_matches_as_strings(text))
             return
         parts = self.split_runs(text)
         at = len(ids)  # `ids` holds no MARK: every id before `at` is final
         self._extend_ids(ids, self.automaton.find_matches_as_strings(self.sentinel.join(parts[0::2])))
-        ext.fill(ids, at, self.MARK, parts[1::2])
+        for run in parts[1::2]:  # the sentinels stand for the runs, in order
+            at = ids.index(self.MARK, at)
+            ids[at] = id_for(run)
 
     def _extend_ids(self, ids: list[int], pieces: list[str]) -> None:
         # One `itemgetter` call looks every piece up in C (faster than `map(dict.__getitem__, ...)`).
@@ -246,6 +240,60 @@ class _FastMatcher:
             ids.extend(itemgetter(*pieces)(self.lookup))
         elif pieces:
             ids.append(self.lookup[pieces[0]])
+
+
+class _PositionsMatcher:
+    """The leftmost-longest automaton with match positions: the gaps between matches are the unknown runs (see
+    `CpmBeeTokenizer._encode_text`). Serves a custom vocabulary `_FastMatcher` refuses, without the C core."""
+
+    def __init__(self, pieces: Mapping[str, int]) -> None:
+        self.pieces = pieces
+        self.longest = max(map(len, pieces))
+        self.piece_ids = list(pieces.values())
+        self.automaton = AhoCorasick(list(pieces), matchkind=MatchKind.LeftmostLongest)
+
+    def encode(self, text: str, ids: list[int], id_for: Callable[[str], int]) -> None:
+        try:
+            matches = self.automaton.find_matches_as_indexes(text)
+        except UnicodeEncodeError:  # lone surrogates cannot reach the automaton (UTF-8 only)
+            encode_longest_match(self.pieces, self.longest, text, ids, id_for)
+            return
+        piece_ids = self.piece_ids
+        pos = 0
+        for pattern, start, end in matches:
+            if start != pos:
+                ids.append(id_for(text[pos:start]))
+            ids.append(piece_ids[pattern])
+            pos = end
+        if pos != len(text):
+            ids.append(id_for(text[pos:]))
+
+
+def encode_longest_match(
+    pieces: Mapping[str, int], longest: int, text: str, ids: list[int], id_for: Callable[[str], int]
+) -> None:
+    """The original's loop in pure Python (about 100x slower than the matchers): the longest piece (of at most
+    `longest` characters) at each position, else the character joins the current unknown run, whose id `id_for`
+    gives."""
+    pos, n = 0, len(text)
+    unknown_start = -1
+    while pos < n:
+        for end in range(min(n, pos + longest), pos, -1):
+            idx = pieces.get(text[pos:end])
+            if idx is not None:
+                break
+        else:
+            if unknown_start < 0:
+                unknown_start = pos
+            pos += 1
+            continue
+        if unknown_start >= 0:
+            ids.append(id_for(text[unknown_start:pos]))
+            unknown_start = -1
+        ids.append(idx)
+        pos = end
+    if unknown_start >= 0:
+        ids.append(id_for(text[unknown_start:]))
 
 
 def check_vocabulary_matches(tokenizer: PreTrainedTokenizer, vocab_size: int, owner: str) -> None:
@@ -326,11 +374,8 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         self.decoder = {idx: token for token, idx in self.encoder.items()}
         # Special entries are never matched inside text: they only come from `<...>` markup.
         self._pieces = {token: idx for token, idx in self.encoder.items() if not _is_special_entry(token)}
-        self._piece_list = list(self._pieces)
-        self._piece_ids = list(self._pieces.values())
-        self._max_piece_len = max(map(len, self._pieces))
-        # Built on first use: a `_FastMatcher`, or a plain automaton when the vocabulary does not allow it.
-        self._automaton: _FastMatcher | AhoCorasick | None = None
+        # Built on first use (see `_build_matcher`).
+        self._matcher: Any = None
         super().__init__(
             bos_token=bos_token,
             eos_token=eos_token,
@@ -346,10 +391,10 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         if self.chat_template is None:
             self.chat_template = CHAT_TEMPLATE
 
-    # The automaton is a Rust object that cannot be pickled: rebuild it on first use (0.1 s) instead.
+    # The matcher is a native object that cannot be pickled: rebuild it on first use (0.02-0.2 s) instead.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_automaton"] = None
+        state["_matcher"] = None
         return state
 
     @property
@@ -402,7 +447,7 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         return ids
 
     def _encode_text(self, text: str, ids: list[int], ext: _ExtTable) -> None:
-        """Greedy longest match through a leftmost-longest Aho-Corasick automaton over the non-special entries.
+        """Greedy longest match over the non-special entries, the original's rule.
 
         The original, at each position p, takes the longest entry starting at p, or else adds the single
         character at p to the current unknown run and moves to p + 1. Leftmost-longest search from p reports,
@@ -410,58 +455,30 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         resumes at its end. If an entry starts at p, that is the original's choice at p. If the first match
         starts at q > p, no entry starts at p..q-1, so the original also turns p..q-1 into one unknown run and
         then takes the same longest entry at q. By induction both cut the text identically, and the gaps between
-        matches are exactly the original's unknown runs. (The original's truncation to the longest vocabulary
+        matches are exactly the original's unknown runs: a leftmost-longest automaton reproduces it. (The original's truncation to the longest vocabulary
         entry never hides a candidate.) Checked id for id against the original on the fixture corpus.
 
-        With the released vocabulary the search runs through `_FastMatcher` (same matches, less work per token);
-        a vocabulary it cannot serve gets the plain automaton and the loop over match positions below.
+        The matching runs in `LongestMatcher`, the C core compiled at install, which applies the original's rule
+        directly (any vocabulary, any text). Without it, `_FastMatcher` (the automaton, less work per token) serves
+        the released vocabulary, and a vocabulary it cannot serve gets the plain automaton and the loop over match
+        positions below.
         """
-        automaton = self._automaton
-        if automaton is None:
-            try:
-                automaton = self._automaton = _FastMatcher(self._pieces)
-            except ValueError:  # a custom vocabulary with a character that is not a piece: positions needed
-                automaton = self._automaton = AhoCorasick(self._piece_list, matchkind=MatchKind.LeftmostLongest)
-        if type(automaton) is _FastMatcher:
-            automaton.encode(text, ids, ext)
-            return
-        try:
-            matches = automaton.find_matches_as_indexes(text)
-        except UnicodeEncodeError:  # lone surrogates cannot reach the automaton (UTF-8 only)
-            self._encode_text_reference(text, ids, ext)
-            return
-        piece_ids = self._piece_ids
-        pos = 0
-        for pattern, start, end in matches:
-            if start != pos:
-                ids.append(ext.id_for(text[pos:start]))
-            ids.append(piece_ids[pattern])
-            pos = end
-        if pos != len(text):
-            ids.append(ext.id_for(text[pos:]))
+        matcher = self._matcher
+        if matcher is None:
+            matcher = self._build_matcher()
+        matcher.encode(text, ids, ext.id_for)
 
-    def _encode_text_reference(self, text: str, ids: list[int], ext: _ExtTable) -> None:
-        """The original's loop in pure Python, for text the plain automaton cannot take (lone surrogates)."""
-        pieces, longest = self._pieces, self._max_piece_len
-        pos, n = 0, len(text)
-        unknown_start = -1
-        while pos < n:
-            for end in range(min(n, pos + longest), pos, -1):
-                idx = pieces.get(text[pos:end])
-                if idx is not None:
-                    break
-            else:
-                if unknown_start < 0:
-                    unknown_start = pos
-                pos += 1
-                continue
-            if unknown_start >= 0:
-                ids.append(ext.id_for(text[unknown_start:pos]))
-                unknown_start = -1
-            ids.append(idx)
-            pos = end
-        if unknown_start >= 0:
-            ids.append(ext.id_for(text[unknown_start:]))
+    def _build_matcher(self) -> Any:
+        """The matcher of `_encode_text`, built once (a race builds two equal ones; either serves)."""
+        if LongestMatcher is not None:
+            matcher = LongestMatcher(self._pieces)
+        else:
+            try:
+                matcher = _FastMatcher(self._pieces)
+            except ValueError:  # a custom vocabulary with a character that is not a piece: positions needed
+                matcher = _PositionsMatcher(self._pieces)
+        self._matcher = matcher
+        return matcher
 
     # ---------------------------------------------------------------- transformers entry points
 
@@ -479,14 +496,16 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         the generic path (argument resolution, `prepare_for_model`, `pad`) costs more than encoding 200 characters.
         Its result is the generic path's (`input_ids`, `attention_mask` lists), as the tests check.
         """
-        if args or text_pair is not None or not kwargs.keys() <= _FAST_CALL_KWARGS:
+        if args or text_pair is not None or (kwargs and not kwargs.keys() <= _FAST_CALL_KWARGS):
             return super().__call__(text, text_pair, *args, **kwargs)
         if isinstance(text, str):
             ext = _ExtTable(self.vocab_size, kwargs.get("ext_table"))
             if kwargs.get("markup"):
                 ids = self._encode_into(text, ext, self._encode_text)
-            else:
-                ids = self._encode_plain(text, ext)
+            else:  # `_encode_plain`, one call less
+                ids = []
+                if text:
+                    self._encode_text(text, ids, ext)
             data = {"input_ids": ids, "attention_mask": [1] * len(ids)}
         elif type(text) is list and text and all(type(item) is str for item in text):
             ext = _ExtTable(self.vocab_size, kwargs.get("ext_table"))

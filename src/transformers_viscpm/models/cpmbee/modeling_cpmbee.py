@@ -83,12 +83,21 @@ def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, 
     return buckets + torch.where(is_small, relative_position.to(torch.long), if_large)
 
 
-@lru_cache(maxsize=16)
-def _distance_buckets(num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
-    """`relative_position_bucket` of every distance in [-max_distance, max_distance], computed once per device
-    (every forward looks its distances up here; recomputing the table took 0.1 ms of each decoding step)."""
+def _distance_bucket_table(num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
+    """`relative_position_bucket` of every distance in [-max_distance, max_distance]."""
     distances = torch.arange(-max_distance, max_distance + 1, device=device)
     return relative_position_bucket(distances, num_buckets, max_distance)
+
+
+_cached_distance_bucket_table = lru_cache(maxsize=16)(_distance_bucket_table)
+
+
+def _distance_buckets(num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
+    """The bucket table, computed once per device in eager mode (recomputing it took 0.1 ms of each decoding step);
+    a compiled graph computes it itself (dynamo would trace through the cache anyway, and warn)."""
+    if torch.compiler.is_compiling():
+        return _distance_bucket_table(num_buckets, max_distance, device)
+    return _cached_distance_bucket_table(num_buckets, max_distance, device)
 
 
 def cpmbee_attention_layout(

@@ -62,15 +62,23 @@ def _module_path(module: str) -> Path:
     return PACKAGE_DIR.joinpath(*module.split(".")).with_suffix(".py")
 
 
-def _native_imports(tree: ast.Module) -> set[ast.ImportFrom]:
-    """The imports of a compiled module inside ``try: ... except ImportError:`` (the module has a fallback). A flat
-    repo carries no compiled code: the export turns each into ``raise ImportError``, so the fallback runs."""
+def _native_imports(tree: ast.Module, package_parts: list[str]) -> set[ast.ImportFrom]:
+    """The relative imports of a compiled module (no ``.py`` file in the package) inside ``try: ... except
+    ImportError:``, i.e. with a fallback. A flat repo carries no compiled code: the export turns each into
+    ``raise ImportError``, so the fallback runs."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
             isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers
         ):
-            found.update(n for n in node.body if isinstance(n, ast.ImportFrom) and n.level and n.module)
+            found.update(
+                n
+                for n in node.body
+                if isinstance(n, ast.ImportFrom)
+                and n.level
+                and n.module
+                and not _module_path(_resolve(package_parts, n)).is_file()
+            )
     return found
 
 
@@ -84,10 +92,10 @@ def _package_imports(module: str) -> list[tuple[ast.ImportFrom | ast.Import, str
     path = _module_path(module)
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package_parts = module.split(".")[:-1]
-    native = _native_imports(tree)
+    native = _native_imports(tree, package_parts)
     found: list[tuple[ast.ImportFrom | ast.Import, str | None]] = []
     for node in ast.walk(tree):
-        if node in native and not _module_path(_resolve(package_parts, node)).is_file():
+        if node in native:
             continue
         if isinstance(node, ast.Import):
             if any(alias.name == PACKAGE or alias.name.startswith(PACKAGE + ".") for alias in node.names):
@@ -154,13 +162,13 @@ def flat_module_source(module: str, extra_imports: Iterable[str] = ()) -> str:
         if count != 1:
             raise ValueError(f"{path}:{node.lineno}: cannot rewrite the import on this line")
         lines[row] = new
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in _native_imports(tree):
-        if not _module_path(_resolve(module.split(".")[:-1], node)).is_file():
-            row, indent = node.lineno - 1, lines[node.lineno - 1][: node.col_offset]
-            if node.end_lineno != node.lineno:
-                raise ValueError(f"{path}:{node.lineno}: write the guarded import of a compiled module on one line")
-            lines[row] = f'{indent}raise ImportError("compiled modules of {PACKAGE} are not part of this repo")\n'
+    for node in _native_imports(ast.parse(path.read_text(encoding="utf-8")), module.split(".")[:-1]):
+        if node.end_lineno != node.lineno:
+            raise ValueError(f"{path}:{node.lineno}: write the guarded import of a compiled module on one line")
+        indent = lines[node.lineno - 1][: node.col_offset]
+        lines[node.lineno - 1] = (
+            f'{indent}raise ImportError("compiled modules of {PACKAGE} are not part of this repo")\n'
+        )
     source = _GENERATED_HEADER.format(source=f"{PACKAGE}/{module.replace('.', '/')}.py") + "".join(lines)
     direct = {target for _, target in _package_imports(module)}
     extra = [m for m in extra_imports if m != module and m not in direct]

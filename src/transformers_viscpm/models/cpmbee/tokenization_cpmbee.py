@@ -455,13 +455,14 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
         resumes at its end. If an entry starts at p, that is the original's choice at p. If the first match
         starts at q > p, no entry starts at p..q-1, so the original also turns p..q-1 into one unknown run and
         then takes the same longest entry at q. By induction both cut the text identically, and the gaps between
-        matches are exactly the original's unknown runs: a leftmost-longest automaton reproduces it. (The original's truncation to the longest vocabulary
-        entry never hides a candidate.) Checked id for id against the original on the fixture corpus.
+        matches are exactly the original's unknown runs, so a leftmost-longest automaton reproduces the rule. (The
+        original's truncation to the longest vocabulary entry never hides a candidate.) Checked id for id against
+        the original on the fixture corpus.
 
         The matching runs in `LongestMatcher`, the C core compiled at install, which applies the original's rule
         directly (any vocabulary, any text). Without it, `_FastMatcher` (the automaton, less work per token) serves
-        the released vocabulary, and a vocabulary it cannot serve gets the plain automaton and the loop over match
-        positions below.
+        the released vocabulary, and a vocabulary it cannot serve gets `_PositionsMatcher` (the automaton with
+        match positions).
         """
         matcher = self._matcher
         if matcher is None:
@@ -502,10 +503,8 @@ class CpmBeeTokenizer(PreTrainedTokenizer):
             ext = _ExtTable(self.vocab_size, kwargs.get("ext_table"))
             if kwargs.get("markup"):
                 ids = self._encode_into(text, ext, self._encode_text)
-            else:  # `_encode_plain`, one call less
-                ids = []
-                if text:
-                    self._encode_text(text, ids, ext)
+            else:
+                ids = self._encode_plain(text, ext)
             data = {"input_ids": ids, "attention_mask": [1] * len(ids)}
         elif type(text) is list and text and all(type(item) is str for item in text):
             ext = _ExtTable(self.vocab_size, kwargs.get("ext_table"))

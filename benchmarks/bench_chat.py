@@ -44,29 +44,16 @@ CHAT_SETTINGS = dict(beam_size=3, temperature=0.7, repetition_penalty=1.1, lengt
 ORIGINAL_SCRIPT = r"""
 import json, statistics, sys, time
 import numpy as np
-import original_on_cpu  # noqa: F401
 import torch
 from PIL import Image
-from torchscale.architecture.config import EncoderConfig
+from _original import original_chat_model
 from VisCPM.cpm_tokenizers.bee import CPMBeeTokenizer
 from VisCPM.generation.vllm_bee import VLLMCPMBeeBeamSearch
-from VisCPM.models import VLU_CPMBee
-from VisCPM.models.beit3 import BEiT3Wrapper
-from VisCPM.models.cpmbee import CPMBeeConfig, CPMBeeTorch
 from VisCPM.utils import utils
 
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec["threads"])
-vision, llm_config = spec["vision"], spec["llm"]
-args = EncoderConfig(
-    img_size=vision["image_size"], patch_size=vision["patch_size"], vocab_size=spec["text_vocab"], multiway=True,
-    layernorm_embedding=False, normalize_output=True, no_output_layer=True, drop_path_rate=0,
-    encoder_embed_dim=vision["hidden_size"], encoder_attention_heads=vision["num_attention_heads"],
-    encoder_ffn_embed_dim=vision["intermediate_size"], encoder_layers=vision["num_hidden_layers"],
-    checkpoint_activations=None, max_source_positions=vision["max_text_positions"],
-)
-model = VLU_CPMBee(llm=CPMBeeTorch(CPMBeeConfig(**llm_config)), vpm=BEiT3Wrapper(args),
-                   vision_dim=vision["hidden_size"], query_num=64, device=torch.device("cpu"))
+model = original_chat_model(spec)
 model.load_state_dict(torch.load(spec["checkpoint"]), strict=True)
 model.eval()
 beam_search = VLLMCPMBeeBeamSearch(model, CPMBeeTokenizer(), utils.build_transform(is_train=False), device="cpu")
@@ -125,7 +112,7 @@ def _ours(folder: Path, image: Image.Image, new_tokens: int, repeats: int) -> di
 def _original(spec: dict, python: str, reference_dir: Path) -> dict | None:
     if not Path(python).exists():
         return None
-    env = dict(os.environ, PYTHONPATH=str(reference_dir))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(reference_dir), str(Path(__file__).parent)]))
     done = subprocess.run(
         [python, "-c", ORIGINAL_SCRIPT, json.dumps(spec)], env=env, capture_output=True, text=True, check=True
     )
@@ -191,6 +178,7 @@ def main() -> None:
             llm=llm,
             vision=vision,
             text_vocab=100,
+            query_num=64,
             settings=CHAT_SETTINGS,
             new_tokens=args.new_tokens,
             repeats=args.repeats,

@@ -71,24 +71,12 @@ def timed(step, params):
 ORIGINAL_SCRIPT = (
     COMMON
     + r"""
-import original_on_cpu  # noqa: F401
-from torchscale.architecture.config import EncoderConfig
+from _original import original_chat_model
 from VisCPM.cpm_tokenizers.bee import CPMBeeTokenizer
-from VisCPM.models import VLU_CPMBee
-from VisCPM.models.beit3 import BEiT3Wrapper
-from VisCPM.models.cpmbee import CPMBeeConfig, CPMBeeTorch
 from VisCPM.utils import utils
 
-vision, query_num = spec["vision"], spec["query_num"]
-args = EncoderConfig(
-    img_size=vision["image_size"], patch_size=vision["patch_size"], vocab_size=spec["text_vocab"], multiway=True,
-    layernorm_embedding=False, normalize_output=True, no_output_layer=True, drop_path_rate=0,
-    encoder_embed_dim=vision["hidden_size"], encoder_attention_heads=vision["num_attention_heads"],
-    encoder_ffn_embed_dim=vision["intermediate_size"], encoder_layers=vision["num_hidden_layers"],
-    checkpoint_activations=None, max_source_positions=vision["max_text_positions"],
-)
-model = VLU_CPMBee(CPMBeeTorch(CPMBeeConfig(**spec["llm"])), BEiT3Wrapper(args), vision["hidden_size"], query_num,
-                   device=torch.device("cpu"))
+query_num = spec["query_num"]
+model = original_chat_model(spec)
 model.load_state_dict(torch.load(spec["checkpoint"], weights_only=True), strict=False)
 model.train()
 model.vpm.beit3.vision_embed.requires_grad_(False)
@@ -171,7 +159,7 @@ def main() -> None:
         spec = dict(threads=args.threads, steps=args.steps, qa=QA[: args.batch], checkpoint=str(checkpoint),
                     converted=str(converted), vision=TINY_CHAT_VISION, llm=llm, query_num=64, text_vocab=100)  # fmt: skip
         ours_env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        ref_env = {**ours_env, "PYTHONPATH": args.reference_dir}
+        ref_env = {**ours_env, "PYTHONPATH": os.pathsep.join([args.reference_dir, str(Path(__file__).parent)])}
         has_reference = Path(args.reference_python).exists() and Path(args.reference_dir).exists()
         rows: dict[str, list[dict]] = {"original": [], "ours": [], "ours + gradient checkpointing": []}
         for _ in range(args.rounds):

@@ -136,12 +136,15 @@ class CpmBeeExtTableLogitsProcessor(LogitsProcessor):
             raise ValueError(
                 f"scores have {scores.shape[1]} ids, expected vocab_size + E = {self.vocab_size + num_ext}"
             )
-        blocked = torch.zeros(rows, scores.shape[1], dtype=torch.bool, device=scores.device)
-        blocked[:, self.unk_token_id] = ~self.allow_unk.to(scores.device).repeat_interleave(repeats)
-        blocked[:, self.vocab_size : self.vocab_size + num_ext] = ~self.ext_table_mask.to(
-            scores.device
-        ).repeat_interleave(repeats, dim=0)
-        return scores.masked_fill(blocked, MASKED_LOGIT)
+        # Only the `<unk>` column and the ext columns change: writing those (not a mask over the whole vocabulary)
+        # keeps the processor's cost independent of the vocabulary size.
+        scores = scores.clone()
+        ext = slice(self.vocab_size, self.vocab_size + num_ext)
+        allow_unk = self.allow_unk.to(scores.device).repeat_interleave(repeats)
+        scores[:, self.unk_token_id] = scores[:, self.unk_token_id].masked_fill(~allow_unk, MASKED_LOGIT)
+        ext_allowed = self.ext_table_mask.to(scores.device).repeat_interleave(repeats, dim=0)
+        scores[:, ext] = scores[:, ext].masked_fill(~ext_allowed, MASKED_LOGIT)
+        return scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,8 +265,9 @@ def _apply_repetition_penalty(
         return logits
     if window:
         fed_ids = fed_ids[:, -window:]
-    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, fed_ids, True)
-    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    # Gathered and scattered back: only the fed ids are touched (a repeated id writes the same value twice).
+    fed_logits = logits.gather(1, fed_ids)
+    return logits.scatter(1, fed_ids, torch.where(fed_logits < 0, fed_logits * penalty, fed_logits / penalty))
 
 
 @torch.no_grad()

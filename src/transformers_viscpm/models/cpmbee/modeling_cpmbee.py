@@ -168,17 +168,20 @@ def cpmbee_attention_layout(
     return buckets, mask, query_valid
 
 
-# (rows, vocab, dim, threads) -> whether the blocked route measured faster than `F.linear` in this process.
-_BLOCKED_IS_FASTER: dict[tuple[int, int, int, int], bool] = {}
+# (rows, out_features, in_features, dtype, threads) -> vocabulary blocks of the faster route (0: `F.linear`), as
+# measured in this process.
+_MEASURED_BLOCKS: dict[tuple[int, int, int, torch.dtype, int], int] = {}
 
 
-def _blocked_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(rows, weight)` as one batched matmul over vocabulary blocks (reads `weight` in one pass)."""
-    num_blocks = max(2, torch.get_num_threads())
-    vocab, dim = weight.shape
-    blocked = vocab - vocab % num_blocks
-    logits = torch.bmm(weight[:blocked].view(num_blocks, -1, dim), rows.t().expand(num_blocks, dim, rows.shape[0]))
-    return torch.cat([logits.permute(2, 0, 1).reshape(rows.shape[0], blocked), F.linear(rows, weight[blocked:])], 1)
+def _blocked_linear(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """`F.linear(rows, weight)` as one batched matmul over `num_blocks` row blocks of `weight` (one pass over it)."""
+    out_features, dim = weight.shape
+    blocked = out_features - out_features % num_blocks
+    products = torch.bmm(weight[:blocked].view(num_blocks, -1, dim), rows.t().expand(num_blocks, dim, rows.shape[0]))
+    products = products.permute(2, 0, 1).reshape(rows.shape[0], blocked)
+    if blocked == out_features:
+        return products
+    return torch.cat([products, F.linear(rows, weight[blocked:])], 1)
 
 
 def _faster_seconds(first: Callable[[], object], second: Callable[[], object], rounds: int = 3) -> bool:
@@ -192,38 +195,65 @@ def _faster_seconds(first: Callable[[], object], second: Callable[[], object], r
     return best[0] < best[1]
 
 
-def project_to_vocabulary(hidden_states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-    """`lm_head(hidden_states)`; for a few fp32 rows on CPU by a blocked `bmm` instead when that measured faster.
+def _measured_blocks(key: tuple[int, int, int, torch.dtype, int], weight: torch.Tensor | None = None) -> int:
+    """The route of `key` (see `_MEASURED_BLOCKS`), timed on `weight` (or a random matrix of its shape) the first
+    time it is asked for."""
+    if key not in _MEASURED_BLOCKS:
+        rows, out_features, in_features, dtype, threads = key
+        with torch.no_grad():
+            if weight is None:
+                weight = torch.randn(out_features, in_features, dtype=dtype)
+            hidden = torch.randn(rows, in_features, dtype=dtype)
+            num_blocks = max(2, threads)
+            blocked = _faster_seconds(
+                lambda: _blocked_linear(hidden, weight, num_blocks), lambda: F.linear(hidden, weight)
+            )
+        _MEASURED_BLOCKS[key] = num_blocks if blocked else 0
+    return _MEASURED_BLOCKS[key]
 
-    MKL's GEMV for `x @ W.T` over the `(vocab, dim)` matrix is 2.4x slower than the blocked route on some CPUs and
-    2x faster on others, so neither is hard-wired: both are timed once per (rows, shape, threads) in this process,
-    outside autograd and compilation, and the faster one is kept. Everything else is `lm_head`.
+
+@torch._dynamo.assume_constant_result
+def _traced_blocks(rows: int, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+    """`_measured_blocks` for a compiled graph: dynamo runs this at trace time and bakes the route in (the weight is
+    a fake tensor then, so a random one of its shape is timed, unless eager calls measured it already)."""
+    return _measured_blocks((rows, out_features, in_features, dtype, torch.get_num_threads()))
+
+
+def measured_linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`module(hidden_states)`; for a few rows on CPU (decoding steps) by a blocked `bmm` when that measured faster.
+
+    MKL's GEMV for `x @ W.T` ran 2.6x slower than the blocked route on one CPU in fp32 and 2x faster on another,
+    and the other way round in bf16, so no route is hard-wired: both are timed once per (rows, shape, dtype,
+    threads) in this process and the faster one is kept (a compiled graph keeps the one measured when it is
+    traced). Autograd, autocast, other devices, hooks, quantized or wrapped layers (PEFT, tensor parallelism,
+    offload) and biases use `module`.
     """
-    weight = lm_head.weight
+    weight = module.weight
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])
     plain = (
         hidden_states.device.type != "cpu"
+        or type(module) is not nn.Linear
+        or module.bias is not None
         or type(weight) is not nn.Parameter
         or weight.device.type != "cpu"
-        or weight.dtype != torch.float32
-        or hidden_states.dtype != torch.float32
+        or weight.dtype != hidden_states.dtype
         or rows.shape[0] > 64
-        or type(lm_head) is not nn.Linear
         or type(weight.data) is not torch.Tensor  # a quantized tensor subclass has its own kernels
-        or lm_head._forward_hooks
-        or lm_head._forward_pre_hooks
-        or hasattr(lm_head, "_hf_hook")
+        or module._forward_hooks
+        or module._forward_pre_hooks
+        or hasattr(module, "_hf_hook")
         or torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
+        or torch.is_autocast_enabled("cpu")
     )
     if plain:
-        return lm_head(hidden_states)
-    key = (rows.shape[0], *weight.shape, torch.get_num_threads())
-    if key not in _BLOCKED_IS_FASTER:
-        _BLOCKED_IS_FASTER[key] = _faster_seconds(lambda: _blocked_linear(rows, weight), lambda: lm_head(rows))
-    if not _BLOCKED_IS_FASTER[key]:
-        return lm_head(hidden_states)
-    return _blocked_linear(rows, weight).view(*hidden_states.shape[:-1], weight.shape[0])
+        return module(hidden_states)
+    if torch.compiler.is_compiling():
+        num_blocks = _traced_blocks(rows.shape[0], *weight.shape, weight.dtype)
+    else:
+        num_blocks = _measured_blocks((rows.shape[0], *weight.shape, weight.dtype, torch.get_num_threads()), weight)
+    if num_blocks == 0:
+        return module(hidden_states)
+    return _blocked_linear(rows, weight, num_blocks).view(*hidden_states.shape[:-1], weight.shape[0])
 
 
 def check_labels_follow_answers(labels: torch.Tensor, context: torch.Tensor | None) -> None:
@@ -333,9 +363,9 @@ class CpmBeeAttention(nn.Module):
         in_scale = math.sqrt(self.config.dim_model)
         # `-1` heads: under tensor parallelism the projections hold only this rank's heads.
         hidden_shape = (batch, length, -1, self.head_dim)
-        query_states = self.project_q(hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
-        key_states = self.project_k(hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
-        value_states = self.project_v(hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
+        query_states = measured_linear(self.project_q, hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
+        key_states = measured_linear(self.project_k, hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
+        value_states = measured_linear(self.project_v, hidden_states).div_(in_scale).view(hidden_shape).transpose(1, 2)
 
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.cache_idx)
@@ -361,7 +391,7 @@ class CpmBeeAttention(nn.Module):
         # not know `query_valid`. A product, not a branch on the data: every step keeps the same graph.
         attn_output = attn_output * query_valid[:, :, None, None].to(attn_output.dtype)
         attn_output = attn_output.reshape(batch, length, -1)
-        attn_output = self.attention_out(attn_output).div_(math.sqrt(self.num_heads * self.head_dim))
+        attn_output = measured_linear(self.attention_out, attn_output).div_(math.sqrt(self.num_heads * self.head_dim))
         return attn_output, attn_weights
 
 
@@ -395,8 +425,8 @@ class CpmBeeDenseGatedACT(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         scale = math.sqrt(hidden_states.shape[-1])
-        gate = self.act(self.w_0(hidden_states).div_(scale))
-        return gate.mul_(self.w_1(hidden_states).div_(scale))
+        gate = self.act(measured_linear(self.w_0, hidden_states).div_(scale))
+        return gate.mul_(measured_linear(self.w_1, hidden_states).div_(scale))
 
 
 class CpmBeeFeedForward(nn.Module):
@@ -410,7 +440,7 @@ class CpmBeeFeedForward(nn.Module):
         hidden_states = F.dropout(self.w_in(hidden_states), p=self.dropout_p, training=self.training)
         # The output projection scales its input, not its output (the original's `scale_before=True`), by its full
         # fan-in (a tensor-parallel rank holds a slice of it).
-        return self.w_out(hidden_states / math.sqrt(self.w_out.in_features))
+        return measured_linear(self.w_out, hidden_states / math.sqrt(self.w_out.in_features))
 
 
 class CpmBeeFFNBlock(nn.Module):
@@ -750,7 +780,7 @@ def cpmbee_logits(
     (`h . embed(ext_table_ids, ext_table_sub)`), over the positions `logits_to_keep` selects."""
     hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
     scale = math.sqrt(model.config.get_text_config().dim_model)
-    logits = project_to_vocabulary(hidden_states / scale, model.get_output_embeddings())
+    logits = measured_linear(model.get_output_embeddings(), hidden_states / scale)
     if ext_table_ids is None or ext_table_ids.shape[-1] == 0:
         return logits
     ext_embeds = model.embed_input_ids(ext_table_ids, ext_table_sub)

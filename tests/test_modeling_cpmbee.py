@@ -237,7 +237,7 @@ def test_single_low_precision_query_takes_the_eager_maths_under_sdpa():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 3), (4, 13)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 3), (4, 4)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_measured_linear_is_the_linear_layer_by_either_route(shape, threads, dtype, monkeypatch):
     """The measured choice is recorded once per (rows, shape, dtype, threads); both routes compute `module(x)`."""
@@ -254,8 +254,13 @@ def test_measured_linear_is_the_linear_layer_by_either_route(shape, threads, dty
         for blocks in (0, 2, 3, 4):
             monkeypatch.setitem(_MEASURED_BLOCKS, key, blocks)
             torch.testing.assert_close(measured_linear(lm_head, hidden), expected, atol=tolerance, rtol=tolerance)
-    # With autograd on (training), or a layer with a bias, only the linear layer runs.
+    # With autograd on (training), more rows than a decoding step has (a prefill), or a layer with a bias, only the
+    # linear layer runs.
     assert torch.equal(measured_linear(lm_head, hidden), lm_head(hidden))
+    prefill = torch.randn(17, 48, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(measured_linear(lm_head, prefill), lm_head(prefill))
+    assert (17, 1001, 48, dtype, threads) not in _MEASURED_BLOCKS
     biased = torch.nn.Linear(48, 8).to(dtype)
     monkeypatch.setitem(_MEASURED_BLOCKS, (*key[:1], 8, 48, dtype, threads), 2)
     with torch.no_grad():

@@ -490,31 +490,30 @@ class CpmBeeGenerationMixin(GenerationMixin):
         the prompt's last segment.
         """
         batch, steps = generated.shape
-        ids, subs = generated, torch.zeros_like(generated)
+        text_config = self.config.get_text_config()  # read once: config attribute access is slow
+        vocab_size, bos, eos = text_config.vocab_size, text_config.bos_token_id, text_config.eos_token_id
+        fed = generated if answer_segment_ids is None else F.pad(generated, (1, 0), value=bos)
+        ids, subs = fed, torch.zeros_like(fed)
         ext_table_ids, ext_table_sub = ext_table.get("ext_table_ids"), ext_table.get("ext_table_sub")
         if ext_table_ids is not None and ext_table_ids.shape[-1] > 0:
-            is_ext = generated >= self.config.get_text_config().vocab_size
-            ext_index = (generated - self.config.get_text_config().vocab_size).clamp(0, ext_table_ids.shape[-1] - 1)
+            is_ext = fed >= vocab_size
+            ext_index = (fed - vocab_size).clamp_(0, ext_table_ids.shape[-1] - 1)
             ids = torch.where(is_ext, ext_table_ids.gather(1, ext_index), ids)
             subs = torch.where(is_ext, ext_table_sub.gather(1, ext_index), subs)
         if answer_segment_ids is None:
             positions = last_position[:, None] + 1 + torch.arange(steps, device=generated.device)
             return ids, subs, positions, last_segment[:, None].expand(batch, steps)
 
-        text_config = self.config.get_text_config()
-        bos = text_config.bos_token_id
-        eos_ids = (
-            text_config.eos_token_id if isinstance(text_config.eos_token_id, list) else [text_config.eos_token_id]
-        )
-        is_eos = torch.isin(generated, torch.tensor(eos_ids, device=generated.device))
-        start = torch.ones(batch, 1, dtype=torch.bool, device=generated.device)
-        ids = torch.cat([torch.full_like(start, bos, dtype=ids.dtype), ids.masked_fill(is_eos, bos)], dim=1)
-        subs = torch.cat([torch.zeros_like(start, dtype=subs.dtype), subs.masked_fill(is_eos, 0)], dim=1)
-        answer_start = torch.cat([start, is_eos], dim=1)
-        num_answers = (answer_segment_ids >= 0).sum(dim=1, keepdim=True).clamp(min=1)
-        answer_index = torch.minimum(answer_start.long().cumsum(dim=1) - 1, num_answers - 1)
+        # Column 0 is the first answer's `<s>`; every EOS opens the next answer (fed as its `<s>` at position 0).
+        is_eos = torch.isin(fed, torch.tensor(eos, device=fed.device)) if isinstance(eos, list) else fed == eos
+        is_eos[:, 0] = False
+        answer_start = is_eos.clone()
+        answer_start[:, 0] = True
+        ids, subs = ids.masked_fill(is_eos, bos), subs.masked_fill(is_eos, 0)
+        last_answer = (answer_segment_ids >= 0).sum(dim=1, keepdim=True).sub_(1).clamp_(min=0)
+        answer_index = torch.minimum(answer_start.cumsum(dim=1).sub_(1), last_answer)
         segments = answer_segment_ids.gather(1, answer_index)
-        order = torch.arange(steps + 1, device=generated.device).expand(batch, steps + 1)
+        order = torch.arange(steps + 1, device=fed.device)
         positions = order - torch.cummax(order * answer_start, dim=1).values
         return ids, subs, positions, segments
 
@@ -570,29 +569,39 @@ class CpmBeeGenerationMixin(GenerationMixin):
         )
         fed_length = fed_ids.shape[1]
 
-        def extend(prompt: torch.Tensor, generated_part: torch.Tensor) -> torch.Tensor:
-            return torch.cat([prompt, generated_part.to(prompt.dtype)], dim=1)
-
-        def repeat_last(prompt: torch.Tensor) -> torch.Tensor:
-            return extend(prompt, prompt[:, -1:].expand(batch, fed_length))
-
         # What a generated token is: at its answer position and segment, not context, in the query sample, real;
         # it borrows the last prompt token's sample bookkeeping (`num_segments`, `segment_rel_offset`).
-        structure = {
-            "position_ids": extend(position_ids, fed_positions),
-            "context": extend(prompt_or("context", 0).bool(), torch.zeros_like(fed_ids, dtype=torch.bool)),
-            "sample_ids": extend(prompt_or("sample_ids", 0), torch.zeros_like(fed_ids)),
-            "num_segments": repeat_last(prompt_num_segments),
-            "segment_ids": extend(prompt_segments, fed_segments),
-            "segment_rel_offset": repeat_last(prompt_or("segment_rel_offset", 0)),
-            "attention_mask": extend(prompt_or("attention_mask", 1), torch.ones_like(fed_ids)),
+        prompt_structure = {
+            "position_ids": position_ids,
+            "context": prompt_or("context", 0),
+            "sample_ids": prompt_or("sample_ids", 0),
+            "num_segments": prompt_num_segments,
+            "segment_ids": prompt_segments,
+            "segment_rel_offset": prompt_or("segment_rel_offset", 0),
+            "attention_mask": prompt_or("attention_mask", 1),
         }
+        zeros = torch.zeros_like(fed_ids)
+        generated_structure = {
+            "position_ids": fed_positions,
+            "context": zeros,
+            "sample_ids": zeros,
+            "num_segments": prompt_num_segments[:, -1:].expand(batch, fed_length),
+            "segment_ids": fed_segments,
+            "segment_rel_offset": prompt_structure["segment_rel_offset"][:, -1:].expand(batch, fed_length),
+            "attention_mask": torch.ones_like(fed_ids),
+        }
+        # All of it in one `(keys, B, width)` tensor, built by a few ops (this runs at every decoding step); a static
+        # cache gets one entry per slot (the unused ones are padding), so that every decoding step has the same
+        # input shapes and a compiled forward is built once.
+        parts = [
+            torch.stack([prompt_structure[key].long() for key in SEEN_TOKEN_KEYS]),
+            torch.stack([generated_structure[key].long() for key in SEEN_TOKEN_KEYS]),
+        ]
         slots = cache.get_max_length() if cache is not None else -1
         if slots > prompt_length + fed_length:
-            # A static cache: one entry per slot (the unused ones are padding), so that every decoding step has the
-            # same input shapes and a compiled forward is built once.
-            padding = slots - prompt_length - fed_length
-            structure = {key: extend(value, value.new_zeros(batch, padding)) for key, value in structure.items()}
+            parts.append(parts[1].new_zeros(len(SEEN_TOKEN_KEYS), batch, slots - prompt_length - fed_length))
+        structure = dict(zip(SEEN_TOKEN_KEYS, torch.cat(parts, dim=2).unbind(0)))
+        structure["context"] = structure["context"].bool()
         query_length = prompt_length + fed_length - past_length
         prompt_part = max(query_length - fed_length, 0)
         fed_part = slice(fed_length - (query_length - prompt_part), fed_length)
@@ -602,10 +611,16 @@ class CpmBeeGenerationMixin(GenerationMixin):
             fed_embeds = self.embed_input_ids(fed_ids, fed_subs).to(inputs_embeds.dtype)
             model_inputs["inputs_embeds"] = torch.cat([inputs_embeds[:, prompt_length - prompt_part :], fed_embeds], 1)
         else:
-            prompt_ids = input_ids[:, prompt_length - prompt_part : prompt_length]
-            prompt_subs = prompt_or("input_id_subs", 0)[:, prompt_length - prompt_part :]
-            model_inputs["input_ids"] = extend(prompt_ids, fed_ids[:, fed_part])
-            model_inputs["input_id_subs"] = extend(prompt_subs, fed_subs[:, fed_part])
+            # Fresh tensors, not views of the growing generated ids: their strides would change every step (and a
+            # compiled step would be rebuilt).
+            model_inputs["input_ids"], model_inputs["input_id_subs"] = (
+                part[:, fed_part].clone(memory_format=torch.contiguous_format) for part in (fed_ids, fed_subs)
+            )
+            if prompt_part > 0:
+                prompt_ids = input_ids[:, prompt_length - prompt_part : prompt_length]
+                prompt_subs = prompt_or("input_id_subs", 0)[:, prompt_length - prompt_part :]
+                model_inputs["input_ids"] = torch.cat([prompt_ids, model_inputs["input_ids"]], dim=1)
+                model_inputs["input_id_subs"] = torch.cat([prompt_subs.to(fed_subs.dtype), fed_subs[:, fed_part]], 1)
 
         model_inputs.update(structure, **select_keys(prompt, ("segment_rel",)), **ext_table, cache=cache)
         for key, value in kwargs.items():

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -184,31 +185,51 @@ def _blocked_linear(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -
     return torch.cat([products, F.linear(rows, weight[blocked:])], 1)
 
 
-def _faster_seconds(first: Callable[[], object], second: Callable[[], object], rounds: int = 3) -> bool:
-    """Whether `first` beats `second`: best of `rounds` alternating runs each, after one warm-up run."""
+def _last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs; 32 MiB where it cannot be read)."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def _faster_route(hidden: torch.Tensor, weights: torch.Tensor, num_blocks: int, rounds: int = 3) -> bool:
+    """Whether the blocked route beats `F.linear` over the stacked `weights` `(copies, out, in)`: best of `rounds`
+    alternating passes each (every pass multiplies by every copy), after one warm-up pass."""
+    routes = (lambda weight: _blocked_linear(hidden, weight, num_blocks), lambda weight: F.linear(hidden, weight))
     best = [math.inf, math.inf]
     for _ in range(rounds + 1):
-        for index, fn in enumerate((first, second)):
+        for index, route in enumerate(routes):
             start = time.perf_counter()
-            fn()
+            for weight in weights:
+                route(weight)
             best[index] = min(best[index], time.perf_counter() - start)
     return best[0] < best[1]
 
 
 def _measured_blocks(key: tuple[int, int, int, torch.dtype, int], weight: torch.Tensor | None = None) -> int:
-    """The route of `key` (see `_MEASURED_BLOCKS`), timed on `weight` (or a random matrix of its shape) the first
-    time it is asked for."""
+    """The route of `key` (see `_MEASURED_BLOCKS`), timed the first time it is asked for, as decoding runs it: from
+    memory, not from the cache. A weight smaller than twice the last-level cache is timed over as many copies of it
+    (or of a random matrix of its shape) as fill that; a matrix timed alone would sit in the cache and favour the
+    kernel that is fastest there."""
     if key not in _MEASURED_BLOCKS:
         rows, out_features, in_features, dtype, threads = key
+        nbytes = out_features * in_features * dtype.itemsize
+        copies = min(256, max(1, -(-2 * _last_level_cache_bytes() // nbytes)))
         with torch.no_grad():
+            weights = torch.empty(copies, out_features, in_features, dtype=dtype)
             if weight is None:
-                weight = torch.randn(out_features, in_features, dtype=dtype)
-            hidden = torch.randn(rows, in_features, dtype=dtype)
+                weights.uniform_(-1, 1)
+            else:
+                weights.copy_(weight.expand_as(weights))
+            hidden = torch.empty(rows, in_features, dtype=dtype).uniform_(-1, 1)
             num_blocks = max(2, threads)
-            blocked = _faster_seconds(
-                lambda: _blocked_linear(hidden, weight, num_blocks), lambda: F.linear(hidden, weight)
-            )
-        _MEASURED_BLOCKS[key] = num_blocks if blocked else 0
+            _MEASURED_BLOCKS[key] = num_blocks if _faster_route(hidden, weights, num_blocks) else 0
     return _MEASURED_BLOCKS[key]
 
 
@@ -237,7 +258,7 @@ def measured_linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Ten
         or type(weight) is not nn.Parameter
         or weight.device.type != "cpu"
         or weight.dtype != hidden_states.dtype
-        or rows.shape[0] > 64
+        or rows.shape[0] > 16  # decoding steps (batch x beams); prefill is matrix-matrix work
         or type(weight.data) is not torch.Tensor  # a quantized tensor subclass has its own kernels
         or module._forward_hooks
         or module._forward_pre_hooks

@@ -14,7 +14,7 @@ Rounds alternate ours / original (the machine may be shared); the best round of 
 the goal (beam decoding >= 1.5x the original) gets a verdict.
 
     python benchmarks/bench_chat.py [--dim 256 --layers 4 --vision-dim 256 --vision-layers 4 --new-tokens 24]
-        [--threads 1] [--rounds 2] [--reference-python /tmp/viscpm-ref/bin/python] [--reference-dir ../shared/reference]
+        [--threads 1] [--rounds 2] [--stock-linear] [--reference-python /tmp/viscpm-ref/bin/python] [--reference-dir ../shared/reference]
 """
 
 from __future__ import annotations
@@ -146,7 +146,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ours / original; best kept")
     parser.add_argument("--reference-python", default="/tmp/viscpm-ref/bin/python")
     parser.add_argument("--reference-dir", default=str(ROOT.parent / "shared" / "reference"))
+    parser.add_argument(
+        "--stock-linear",
+        action="store_true",
+        help="F.linear everywhere (VISCPM_MEASURED_LINEAR=0): what runs on a machine where it is the faster route",
+    )
     args = parser.parse_args()
+    if args.stock_linear:
+        os.environ["VISCPM_MEASURED_LINEAR"] = "0"
     torch.set_num_threads(args.threads)
 
     heads = max(1, args.dim // 64)

@@ -261,6 +261,12 @@ def test_measured_linear_is_the_linear_layer_by_either_route(shape, threads, dty
     with torch.no_grad():
         assert torch.equal(measured_linear(lm_head, prefill), lm_head(prefill))
     assert (17, 1001, 48, dtype, threads) not in _MEASURED_BLOCKS
+    # VISCPM_MEASURED_LINEAR=0 keeps the stock kernel without timing anything.
+    monkeypatch.setenv("VISCPM_MEASURED_LINEAR", "0")
+    monkeypatch.delitem(_MEASURED_BLOCKS, key)
+    with torch.no_grad():
+        assert torch.equal(measured_linear(lm_head, hidden), expected)
+    assert _MEASURED_BLOCKS.pop(key) == 0
     biased = torch.nn.Linear(48, 8).to(dtype)
     monkeypatch.setitem(_MEASURED_BLOCKS, (*key[:1], 8, 48, dtype, threads), 2)
     with torch.no_grad():

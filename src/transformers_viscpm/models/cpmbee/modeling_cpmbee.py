@@ -10,6 +10,7 @@ Token structure (how a structured CPM-Bee prompt becomes masks and position buck
 """
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -217,6 +218,8 @@ def _measured_blocks(key: tuple[int, int, int, torch.dtype, int], weight: torch.
     memory, not from the cache. A weight smaller than twice the last-level cache is timed over as many copies of it
     (or of a random matrix of its shape) as fill that; a matrix timed alone would sit in the cache and favour the
     kernel that is fastest there."""
+    if key not in _MEASURED_BLOCKS and os.environ.get("VISCPM_MEASURED_LINEAR", "1") == "0":
+        _MEASURED_BLOCKS[key] = 0
     if key not in _MEASURED_BLOCKS:
         rows, out_features, in_features, dtype, threads = key
         nbytes = out_features * in_features * dtype.itemsize
@@ -247,7 +250,8 @@ def measured_linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Ten
     and the other way round in bf16, so no route is hard-wired: both are timed once per (rows, shape, dtype,
     threads) in this process and the faster one is kept (a compiled graph keeps the one measured when it is
     traced). Autograd, autocast, other devices, hooks, quantized or wrapped layers (PEFT, tensor parallelism,
-    offload) and biases use `module`.
+    offload) and biases use `module`. `VISCPM_MEASURED_LINEAR=0` in the environment keeps `F.linear` everywhere
+    (what a machine where it is the faster route runs; the same kernels on every run).
     """
     weight = module.weight
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])

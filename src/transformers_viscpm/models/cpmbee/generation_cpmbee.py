@@ -611,16 +611,18 @@ class CpmBeeGenerationMixin(GenerationMixin):
             fed_embeds = self.embed_input_ids(fed_ids, fed_subs).to(inputs_embeds.dtype)
             model_inputs["inputs_embeds"] = torch.cat([inputs_embeds[:, prompt_length - prompt_part :], fed_embeds], 1)
         else:
-            # Fresh tensors, not views of the growing generated ids: their strides would change every step (and a
-            # compiled step would be rebuilt).
-            model_inputs["input_ids"], model_inputs["input_id_subs"] = (
-                part[:, fed_part].clone(memory_format=torch.contiguous_format) for part in (fed_ids, fed_subs)
-            )
+            step_ids, step_subs = fed_ids[:, fed_part], fed_subs[:, fed_part]
             if prompt_part > 0:
                 prompt_ids = input_ids[:, prompt_length - prompt_part : prompt_length]
-                prompt_subs = prompt_or("input_id_subs", 0)[:, prompt_length - prompt_part :]
-                model_inputs["input_ids"] = torch.cat([prompt_ids, model_inputs["input_ids"]], dim=1)
-                model_inputs["input_id_subs"] = torch.cat([prompt_subs.to(fed_subs.dtype), fed_subs[:, fed_part]], 1)
+                prompt_subs = prompt_or("input_id_subs", 0)[:, prompt_length - prompt_part :].to(step_subs.dtype)
+                step_ids, step_subs = torch.cat([prompt_ids, step_ids], 1), torch.cat([prompt_subs, step_subs], 1)
+            else:
+                # Fresh tensors, not views of the growing generated ids: their strides would change every step (and
+                # a compiled step would be rebuilt).
+                step_ids, step_subs = (
+                    part.clone(memory_format=torch.contiguous_format) for part in (step_ids, step_subs)
+                )
+            model_inputs["input_ids"], model_inputs["input_id_subs"] = step_ids, step_subs
 
         model_inputs.update(structure, **select_keys(prompt, ("segment_rel",)), **ext_table, cache=cache)
         for key, value in kwargs.items():

@@ -170,8 +170,8 @@ def cpmbee_attention_layout(
     return buckets, mask, query_valid
 
 
-# (rows, out_features, in_features, dtype, threads) -> vocabulary blocks of the faster route (0: `F.linear`), as
-# measured in this process.
+# (rows, out_features, in_features, dtype, threads) -> row blocks of the weight in the faster route (0: `F.linear`),
+# as measured in this process.
 _MEASURED_BLOCKS: dict[tuple[int, int, int, torch.dtype, int], int] = {}
 
 
@@ -186,15 +186,16 @@ def _blocked_linear(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -
     return torch.cat([products, F.linear(rows, weight[blocked:])], 1)
 
 
+@lru_cache(maxsize=1)
 def _last_level_cache_bytes() -> int:
     """The CPU's largest cache (Linux sysfs; 32 MiB where it cannot be read)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     sizes = []
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             text = (index / "size").read_text().strip()
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
     return max(sizes, default=32 << 20)
 
@@ -225,11 +226,14 @@ def _measured_blocks(key: tuple[int, int, int, torch.dtype, int], weight: torch.
         nbytes = out_features * in_features * dtype.itemsize
         copies = min(256, max(1, -(-2 * _last_level_cache_bytes() // nbytes)))
         with torch.no_grad():
-            weights = torch.empty(copies, out_features, in_features, dtype=dtype)
-            if weight is None:
-                weights.uniform_(-1, 1)
+            if weight is not None and copies == 1:
+                weights = weight[None]  # already larger than the cache: timed as it is, not copied
             else:
-                weights.copy_(weight.expand_as(weights))
+                weights = torch.empty(copies, out_features, in_features, dtype=dtype)
+                if weight is None:
+                    weights.uniform_(-1, 1)
+                else:
+                    weights.copy_(weight.expand_as(weights))
             hidden = torch.empty(rows, in_features, dtype=dtype).uniform_(-1, 1)
             num_blocks = max(2, threads)
             _MEASURED_BLOCKS[key] = num_blocks if _faster_route(hidden, weights, num_blocks) else 0

@@ -173,7 +173,8 @@ def run_ours(steps: int, compiled: bool) -> dict[str, float]:
     from transformers import CompileConfig, GenerationConfig, LogitsProcessor
 
     from transformers_viscpm.models.cpmbee.configuration_cpmbee import CpmBeeConfig
-    from transformers_viscpm.models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM, _blocked_linear
+    from transformers_viscpm.models.cpmbee.kernels_cpmbee import _blocked_linear
+    from transformers_viscpm.models.cpmbee.modeling_cpmbee import CpmBeeForCausalLM
     from transformers_viscpm.synthetic.cpmbee import original_cpmbee_state_dict
 
     torch.set_num_threads(2)

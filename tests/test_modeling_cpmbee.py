@@ -23,11 +23,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from transformers_viscpm.models.cpmbee.configuration_cpmbee import CpmBeeConfig
 from transformers_viscpm.models.cpmbee.modeling_cpmbee import (
-    _MEASURED_BLOCKS,
     CpmBeeAttention,
     CpmBeeForCausalLM,
     cpmbee_attention_layout,
-    measured_linear,
 )
 from transformers_viscpm.synthetic.cpmbee import original_cpmbee_state_dict, tiny_cpmbee_config
 
@@ -234,67 +232,6 @@ def test_single_low_precision_query_takes_the_eager_maths_under_sdpa():
         with torch.no_grad():
             outputs[implementation], _ = attention(hidden, bias, torch.ones(1, 1, dtype=torch.bool), cache=cache)
     assert torch.equal(outputs["sdpa"], outputs["eager"])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (2, 3), (4, 4)])
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_measured_linear_is_the_linear_layer_by_either_route(shape, threads, dtype, monkeypatch):
-    """The measured choice is recorded once per (rows, shape, dtype, threads); both routes compute `module(x)`."""
-    lm_head = torch.nn.Linear(48, 1001, bias=False).to(dtype)  # a vocabulary the blocks do not divide
-    hidden = torch.randn(*shape, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    key = (shape[0] * shape[1], 1001, 48, dtype, threads)
-    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-    with torch.no_grad():
-        expected = lm_head(hidden)
-        _MEASURED_BLOCKS.pop(key, None)
-        measured_linear(lm_head, hidden)
-        assert _MEASURED_BLOCKS[key] in (0, max(2, threads))
-        for blocks in (0, 2, 3, 4):
-            monkeypatch.setitem(_MEASURED_BLOCKS, key, blocks)
-            torch.testing.assert_close(measured_linear(lm_head, hidden), expected, atol=tolerance, rtol=tolerance)
-    # With autograd on (training), more rows than a decoding step has (a prefill), or a layer with a bias, only the
-    # linear layer runs.
-    assert torch.equal(measured_linear(lm_head, hidden), lm_head(hidden))
-    prefill = torch.randn(17, 48, dtype=dtype)
-    with torch.no_grad():
-        assert torch.equal(measured_linear(lm_head, prefill), lm_head(prefill))
-    assert (17, 1001, 48, dtype, threads) not in _MEASURED_BLOCKS
-    # VISCPM_MEASURED_LINEAR=0 keeps the stock kernel without timing anything.
-    monkeypatch.setenv("VISCPM_MEASURED_LINEAR", "0")
-    monkeypatch.delitem(_MEASURED_BLOCKS, key)
-    with torch.no_grad():
-        assert torch.equal(measured_linear(lm_head, hidden), expected)
-    assert _MEASURED_BLOCKS.pop(key) == 0
-    biased = torch.nn.Linear(48, 8).to(dtype)
-    monkeypatch.setitem(_MEASURED_BLOCKS, (*key[:1], 8, 48, dtype, threads), 2)
-    with torch.no_grad():
-        assert torch.equal(measured_linear(biased, hidden), biased(hidden))
-
-
-def test_measured_linear_keeps_its_route_in_a_compiled_graph(monkeypatch):
-    """A compiled graph takes the route measured for its shapes (at trace time when eager never measured it)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    layer = torch.nn.Linear(32, 300, bias=False)
-    hidden = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
-    key = (1, 300, 32, torch.float32, torch.get_num_threads())
-    with torch.no_grad():
-        expected = layer(hidden)
-        for blocks in (0, 2):
-            torch._dynamo.reset()
-            monkeypatch.setitem(_MEASURED_BLOCKS, key, blocks)
-            counter = CompileCounterWithBackend("aot_eager")
-            out = torch.compile(lambda x: measured_linear(layer, x), backend=counter, fullgraph=True)(hidden)
-            torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
-            assert counter.frame_count == 1
-            assert any(node.target is torch.bmm for node in counter.graphs[0].graph.nodes) == bool(blocks)
-        torch._dynamo.reset()
-        monkeypatch.delitem(_MEASURED_BLOCKS, key)
-        torch.compile(lambda x: measured_linear(layer, x), backend="aot_eager", fullgraph=True)(hidden)
-        assert key in _MEASURED_BLOCKS
-    torch._dynamo.reset()
 
 
 def test_eager_and_sdpa_agree_on_incremental_steps():

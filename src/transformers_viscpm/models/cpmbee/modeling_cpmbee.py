@@ -10,11 +10,8 @@ Token structure (how a structured CPM-Bee prompt becomes masks and position buck
 """
 
 import math
-import os
-import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +31,7 @@ from transformers.utils.output_capturing import capture_outputs
 from ...quantization import memory_footprint
 from .configuration_cpmbee import CpmBeeConfig
 from .generation_cpmbee import CpmBeeGenerationMixin
+from .kernels_cpmbee import measured_linear
 from .structure_cpmbee import (
     EXT_TABLE_KEYS,
     GENERATION_KEYS,
@@ -168,121 +166,6 @@ def cpmbee_attention_layout(
     query_valid = key_valid[:, query]
     mask &= query_valid[:, :, None]
     return buckets, mask, query_valid
-
-
-# (rows, out_features, in_features, dtype, threads) -> row blocks of the weight in the faster route (0: `F.linear`),
-# as measured in this process.
-_MEASURED_BLOCKS: dict[tuple[int, int, int, torch.dtype, int], int] = {}
-
-
-def _blocked_linear(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """`F.linear(rows, weight)` as one batched matmul over `num_blocks` row blocks of `weight` (one pass over it)."""
-    out_features, dim = weight.shape
-    blocked = out_features - out_features % num_blocks
-    products = torch.bmm(weight[:blocked].view(num_blocks, -1, dim), rows.t().expand(num_blocks, dim, rows.shape[0]))
-    products = products.permute(2, 0, 1).reshape(rows.shape[0], blocked)
-    if blocked == out_features:
-        return products
-    return torch.cat([products, F.linear(rows, weight[blocked:])], 1)
-
-
-@lru_cache(maxsize=1)
-def _last_level_cache_bytes() -> int:
-    """The CPU's largest cache (Linux sysfs; 32 MiB where it cannot be read)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-    return max(sizes, default=32 << 20)
-
-
-def _faster_route(hidden: torch.Tensor, weights: torch.Tensor, num_blocks: int, rounds: int = 3) -> bool:
-    """Whether the blocked route beats `F.linear` over the stacked `weights` `(copies, out, in)`: best of `rounds`
-    alternating passes each (every pass multiplies by every copy), after one warm-up pass."""
-    routes = (lambda weight: _blocked_linear(hidden, weight, num_blocks), lambda weight: F.linear(hidden, weight))
-    best = [math.inf, math.inf]
-    for _ in range(rounds + 1):
-        for index, route in enumerate(routes):
-            start = time.perf_counter()
-            for weight in weights:
-                route(weight)
-            best[index] = min(best[index], time.perf_counter() - start)
-    return best[0] < best[1]
-
-
-def _measured_blocks(key: tuple[int, int, int, torch.dtype, int], weight: torch.Tensor | None = None) -> int:
-    """The route of `key` (see `_MEASURED_BLOCKS`), timed the first time it is asked for, as decoding runs it: from
-    memory, not from the cache. A weight smaller than twice the last-level cache is timed over as many copies of it
-    (or of a random matrix of its shape) as fill that; a matrix timed alone would sit in the cache and favour the
-    kernel that is fastest there."""
-    if key not in _MEASURED_BLOCKS and os.environ.get("VISCPM_MEASURED_LINEAR", "1") == "0":
-        _MEASURED_BLOCKS[key] = 0
-    if key not in _MEASURED_BLOCKS:
-        rows, out_features, in_features, dtype, threads = key
-        nbytes = out_features * in_features * dtype.itemsize
-        copies = min(256, max(1, -(-2 * _last_level_cache_bytes() // nbytes)))
-        with torch.no_grad():
-            if weight is not None and copies == 1:
-                weights = weight[None]  # already larger than the cache: timed as it is, not copied
-            else:
-                weights = torch.empty(copies, out_features, in_features, dtype=dtype)
-                if weight is None:
-                    weights.uniform_(-1, 1)
-                else:
-                    weights.copy_(weight.expand_as(weights))
-            hidden = torch.empty(rows, in_features, dtype=dtype).uniform_(-1, 1)
-            num_blocks = max(2, threads)
-            _MEASURED_BLOCKS[key] = num_blocks if _faster_route(hidden, weights, num_blocks) else 0
-    return _MEASURED_BLOCKS[key]
-
-
-@torch._dynamo.assume_constant_result
-def _traced_blocks(rows: int, out_features: int, in_features: int, dtype: torch.dtype) -> int:
-    """`_measured_blocks` for a compiled graph: dynamo runs this at trace time and bakes the route in (the weight is
-    a fake tensor then, so a random one of its shape is timed, unless eager calls measured it already)."""
-    return _measured_blocks((rows, out_features, in_features, dtype, torch.get_num_threads()))
-
-
-def measured_linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`module(hidden_states)`; for a few rows on CPU (decoding steps) by a blocked `bmm` when that measured faster.
-
-    MKL's GEMV for `x @ W.T` ran 2.6x slower than the blocked route on one CPU in fp32 and 2x faster on another,
-    and the other way round in bf16, so no route is hard-wired: both are timed once per (rows, shape, dtype,
-    threads) in this process and the faster one is kept (a compiled graph keeps the one measured when it is
-    traced). Autograd, autocast, other devices, hooks, quantized or wrapped layers (PEFT, tensor parallelism,
-    offload) and biases use `module`. `VISCPM_MEASURED_LINEAR=0` in the environment keeps `F.linear` everywhere
-    (what a machine where it is the faster route runs; the same kernels on every run).
-    """
-    weight = module.weight
-    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-    plain = (
-        hidden_states.device.type != "cpu"
-        or type(module) is not nn.Linear
-        or module.bias is not None
-        or type(weight) is not nn.Parameter
-        or weight.device.type != "cpu"
-        or weight.dtype != hidden_states.dtype
-        or rows.shape[0] > 16  # decoding steps (batch x beams); prefill is matrix-matrix work
-        or type(weight.data) is not torch.Tensor  # a quantized tensor subclass has its own kernels
-        or module._forward_hooks
-        or module._forward_pre_hooks
-        or hasattr(module, "_hf_hook")
-        or torch.is_grad_enabled()
-        or torch.is_autocast_enabled("cpu")
-    )
-    if plain:
-        return module(hidden_states)
-    if torch.compiler.is_compiling():
-        num_blocks = _traced_blocks(rows.shape[0], *weight.shape, weight.dtype)
-    else:
-        num_blocks = _measured_blocks((rows.shape[0], *weight.shape, weight.dtype, torch.get_num_threads()), weight)
-    if num_blocks == 0:
-        return module(hidden_states)
-    return _blocked_linear(rows, weight, num_blocks).view(*hidden_states.shape[:-1], weight.shape[0])
 
 
 def check_labels_follow_answers(labels: torch.Tensor, context: torch.Tensor | None) -> None:

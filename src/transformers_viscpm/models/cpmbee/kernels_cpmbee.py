@@ -133,16 +133,21 @@ def _measured_reductions(key: tuple[int, int, int, torch.dtype, int], num_blocks
     return _MEASURED_REDUCTIONS[key]
 
 
-@torch.library.custom_op("viscpm::decoding_linear", mutates_args=())
-def decoding_linear(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def _decoding_linear(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """A decoding step's `F.linear(rows, weight)` in a compiled graph: the eager route `num_blocks` where the graph
     runs eagerly (`aot_eager`, ...); the inductor replaces it by the fastest of that and its fused row reductions."""
     return _eager_linear(rows, weight, num_blocks)
 
 
-@decoding_linear.register_fake
-def _(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def _decoding_linear_shape(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return rows.new_empty(rows.shape[0], weight.shape[0])
+
+
+try:  # defined once per process: a hub repo's copy of this module (remote code) may be imported beside the plugin
+    decoding_linear = torch.ops.viscpm.decoding_linear.default
+except AttributeError:
+    decoding_linear = torch.library.custom_op("viscpm::decoding_linear", _decoding_linear, mutates_args=())
+    decoding_linear.register_fake(_decoding_linear_shape)
 
 
 def _inductor_decoding_linear(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -159,12 +164,13 @@ def _inductor_decoding_linear(rows: torch.Tensor, weight: torch.Tensor, num_bloc
 
 @lru_cache(maxsize=1)
 def _register_inductor_decomposition() -> None:
-    """Teaches the inductor `_inductor_decoding_linear` (once; its table of decompositions is imported only when a
-    graph is compiled, and the copy it caches is refreshed)."""
+    """Teaches the inductor `_inductor_decoding_linear` (once per process; its table of decompositions is imported
+    only when a graph is compiled, and the copy it caches is refreshed)."""
     from torch._inductor import decomposition
 
-    decomposition.register_decomposition(torch.ops.viscpm.decoding_linear.default)(_inductor_decoding_linear)
-    decomposition.fast_random_decomps.cache_clear()
+    if torch.ops.viscpm.decoding_linear.default not in decomposition.decompositions:
+        decomposition.register_decomposition(torch.ops.viscpm.decoding_linear.default)(_inductor_decoding_linear)
+        decomposition.fast_random_decomps.cache_clear()
 
 
 @torch._dynamo.assume_constant_result

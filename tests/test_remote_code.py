@@ -102,6 +102,7 @@ def test_exported_transformers_repo(tmp_path_factory: pytest.TempPathFactory, ki
         assert modules == {
             "configuration_cpmbee",
             "modeling_cpmbee",
+            "kernels_cpmbee",
             "generation_cpmbee",
             "tokenization_cpmbee",
             "encoding_cpmbee",

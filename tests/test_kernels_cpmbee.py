@@ -9,6 +9,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor import config as inductor_config
 from torch._inductor.utils import run_and_get_code
 
+from transformers_viscpm.models.cpmbee import kernels_cpmbee
 from transformers_viscpm.models.cpmbee.kernels_cpmbee import (
     _MEASURED_BLOCKS,
     _MEASURED_REDUCTIONS,
@@ -68,63 +69,78 @@ def test_row_reductions_are_the_linear_map(dtype):
     torch.testing.assert_close(stacked, rows @ weights.transpose(1, 2), atol=tolerance, rtol=tolerance)
 
 
-def _graph_linears(graph: torch.fx.GraphModule) -> tuple[list[int], int]:
-    """The routes (`num_blocks`) of the `viscpm::decoding_linear` calls in a dynamo graph, and its `F.linear` calls."""
-    calls = [node for node in graph.graph.nodes if node.op == "call_function"]
-    routes = [node.args[2] for node in calls if node.target is torch.ops.viscpm.decoding_linear.default]
-    return routes, sum(node.target is torch._C._nn.linear for node in calls)
+def _graph_linears(graph: torch.fx.GraphModule) -> tuple[int, int]:
+    """The `viscpm::decoding_linear` calls of a dynamo graph, and its `F.linear` calls."""
+    calls = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    return calls.count(torch.ops.viscpm.decoding_linear.default), calls.count(torch._C._nn.linear)
 
 
-def test_measured_linear_keeps_its_route_in_a_compiled_graph(monkeypatch):
-    """A compiled graph takes the eager route measured for its shapes (at trace time when eager never measured it);
-    a graph that runs eagerly runs it; with `VISCPM_MEASURED_LINEAR=0` the graph holds the stock linear."""
+def test_a_graph_run_eagerly_takes_the_measured_route(monkeypatch):
+    """In a compiled graph a decoding step's linear is `viscpm::decoding_linear`; a graph that runs eagerly
+    (`aot_eager`, or symbolic sizes) takes the eager route measured for its sizes when it runs (timed then if never
+    before). With `VISCPM_MEASURED_LINEAR=0` the graph holds the stock linear."""
     layer = torch.nn.Linear(32, 300, bias=False)
-    hidden = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
     key = (1, 300, 32, torch.float32, torch.get_num_threads())
+    calls = []
+    original = kernels_cpmbee._eager_linear
+    monkeypatch.setattr(kernels_cpmbee, "_eager_linear", lambda *args: calls.append(args[2]) or original(*args))
     with torch.no_grad():
+        hidden = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
         expected = layer(hidden)
-        for blocks in (0, 2):
+        for blocks in (0, 2, None):
             torch._dynamo.reset()
-            monkeypatch.setitem(_MEASURED_BLOCKS, key, blocks)
+            if blocks is None:
+                monkeypatch.delitem(_MEASURED_BLOCKS, key)
+            else:
+                monkeypatch.setitem(_MEASURED_BLOCKS, key, blocks)
             counter = CompileCounterWithBackend("aot_eager")
             out = torch.compile(lambda x: measured_linear(layer, x), backend=counter, fullgraph=True)(hidden)
             torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
-            assert counter.frame_count == 1
-            assert _graph_linears(counter.graphs[0]) == ([blocks], 0)
+            assert counter.frame_count == 1 and _graph_linears(counter.graphs[0]) == (1, 0)
+            assert calls.pop() == (_MEASURED_BLOCKS[key] if blocks is None else blocks)
         torch._dynamo.reset()
-        monkeypatch.delitem(_MEASURED_BLOCKS, key)
-        torch.compile(lambda x: measured_linear(layer, x), backend="aot_eager", fullgraph=True)(hidden)
-        assert key in _MEASURED_BLOCKS
+        compiled = torch.compile(
+            lambda x: measured_linear(layer, x), backend="aot_eager", dynamic=True, fullgraph=True
+        )
+        for rows in (2, 3, 5):
+            batch = torch.randn(rows, 32)
+            torch.testing.assert_close(compiled(batch), layer(batch), atol=1e-6, rtol=1e-6)
+            assert (rows, *key[1:]) in _MEASURED_BLOCKS
         torch._dynamo.reset()
         monkeypatch.setenv("VISCPM_MEASURED_LINEAR", "0")
         counter = CompileCounterWithBackend("aot_eager")
         assert torch.equal(torch.compile(lambda x: measured_linear(layer, x), backend=counter)(hidden), expected)
-        assert _graph_linears(counter.graphs[0]) == ([], 1)
+        assert _graph_linears(counter.graphs[0]) == (0, 1)
     torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_inductor_takes_the_measured_decoding_route(rows, monkeypatch):
-    """The inductor compiles a decoding step's linear to fused row reductions exactly where they measured faster
-    than the eager route (timed when first compiled), and either way computes the layer."""
+    """The inductor compiles a decoding step's linear to the route measured fastest for its sizes (timed when first
+    compiled): fused row reductions, `F.linear` or the blocked `bmm`; each computes the layer."""
     layer = torch.nn.Linear(64, 200, bias=False)
     hidden = torch.randn(rows, 64, generator=torch.Generator().manual_seed(0))
     key = (rows, 200, 64, torch.float32, torch.get_num_threads())
-    monkeypatch.setitem(_MEASURED_BLOCKS, key, 0)
+    monkeypatch.delitem(_MEASURED_BLOCKS, key, raising=False)
     monkeypatch.delitem(_MEASURED_REDUCTIONS, key, raising=False)
     codes = {}
     with torch.no_grad(), inductor_config.patch(force_disable_caches=True):
         expected = layer(hidden)
-        for faster in (None, True, False):
+        for route in ("measured", "reductions", "linear", "blocked"):
             torch._dynamo.reset()
-            if faster is not None:
-                monkeypatch.setitem(_MEASURED_REDUCTIONS, key, faster)
+            if route != "measured":
+                monkeypatch.setitem(_MEASURED_BLOCKS, key, 2 if route == "blocked" else 0)
+                monkeypatch.setitem(_MEASURED_REDUCTIONS, key, route == "reductions")
             compiled = torch.compile(lambda x: measured_linear(layer, x), fullgraph=True)
-            out, (codes[faster], *_) = run_and_get_code(compiled, hidden)
+            out, (codes[route], *_) = run_and_get_code(compiled, hidden)
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-            if faster is None:
-                measured = _MEASURED_REDUCTIONS[key]  # timed during the compile
+            if route == "measured":  # timed during the compile
+                measured = (
+                    "reductions" if _MEASURED_REDUCTIONS[key] else "blocked" if _MEASURED_BLOCKS[key] else "linear"
+                )
     torch._dynamo.reset()
-    assert "extern_kernels.mm" not in codes[True] and "cpp_fused" in codes[True]
-    assert "extern_kernels.mm" in codes[False]
-    assert ("extern_kernels.mm" in codes[None]) != measured
+    kernels = {route: ("extern_kernels.mm" in code, "extern_kernels.bmm" in code) for route, code in codes.items()}
+    assert kernels["reductions"] == (False, False) and "cpp_fused" in codes["reductions"]
+    assert kernels["linear"] == (True, False)
+    assert kernels["blocked"] == (False, rows > 1)  # the inductor rewrites a bmm by one column as a reduction itself
+    assert kernels["measured"] == kernels[measured]

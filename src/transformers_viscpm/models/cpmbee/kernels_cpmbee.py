@@ -133,13 +133,14 @@ def _measured_reductions(key: tuple[int, int, int, torch.dtype, int], num_blocks
     return _MEASURED_REDUCTIONS[key]
 
 
-def _decoding_linear(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """A decoding step's `F.linear(rows, weight)` in a compiled graph: the eager route `num_blocks` where the graph
-    runs eagerly (`aot_eager`, ...); the inductor replaces it by the fastest of that and its fused row reductions."""
-    return _eager_linear(rows, weight, num_blocks)
+def _decoding_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A decoding step's `F.linear(rows, weight)` in a compiled graph: the eager route measured for it, chosen when it
+    runs (a graph that runs eagerly, `aot_eager`, or symbolic sizes); the inductor decomposes it by shape instead."""
+    key = (rows.shape[0], *weight.shape, weight.dtype, torch.get_num_threads())
+    return _eager_linear(rows, weight, _measured_blocks(key, weight))
 
 
-def _decoding_linear_shape(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def _decoding_linear_shape(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return rows.new_empty(rows.shape[0], weight.shape[0])
 
 
@@ -150,38 +151,35 @@ except AttributeError:
     decoding_linear.register_fake(_decoding_linear_shape)
 
 
-def _inductor_decoding_linear(rows: torch.Tensor, weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """The inductor's decomposition of `decoding_linear`: the routes are timed on real tensors, outside the graph
-    being traced (and its symbolic shapes)."""
+def _inductor_decoding_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The inductor's decomposition of `decoding_linear`: the fastest of the eager routes and the fused row
+    reductions, timed on real tensors of the graph's sizes, outside the graph being traced. Symbolic sizes
+    (`dynamic=True`) cannot be timed: the op stays, and picks its eager route when it runs."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
     key = (rows.shape[0], *weight.shape, weight.dtype, torch.get_num_threads())
+    if not all(type(size) is int for size in key[:3]):
+        return NotImplemented
     with unset_fake_temporarily(), disable_proxy_modes_tracing(), torch._guards.tracing(None):
+        num_blocks = _measured_blocks(key)
         faster = _measured_reductions(key, num_blocks)
     return row_reductions(rows, weight) if faster else _eager_linear(rows, weight, num_blocks)
 
 
-@lru_cache(maxsize=1)
-def _register_inductor_decomposition() -> None:
-    """Teaches the inductor `_inductor_decoding_linear` (once per process; its table of decompositions is imported
-    only when a graph is compiled, and the copy it caches is refreshed)."""
+@torch._dynamo.assume_constant_result
+def _routed_in_graphs() -> bool:
+    """Whether compiled graphs take `decoding_linear` (not with `VISCPM_MEASURED_LINEAR=0`), run by dynamo at trace
+    time. Teaches the inductor `_inductor_decoding_linear` once per process (its table of decompositions is imported
+    only then, and the copy it caches is refreshed)."""
+    if _stock_kernels():
+        return False
     from torch._inductor import decomposition
 
     if torch.ops.viscpm.decoding_linear.default not in decomposition.decompositions:
         decomposition.register_decomposition(torch.ops.viscpm.decoding_linear.default)(_inductor_decoding_linear)
         decomposition.fast_random_decomps.cache_clear()
-
-
-@torch._dynamo.assume_constant_result
-def _traced_blocks(rows: int, out_features: int, in_features: int, dtype: torch.dtype) -> int:
-    """`_measured_blocks` for a compiled graph, or -1 (the module's own call) with `VISCPM_MEASURED_LINEAR=0`: dynamo
-    runs this at trace time and bakes the route in (the weight is a fake tensor then, so a random one of its shape is
-    timed, unless eager calls measured it already)."""
-    if _stock_kernels():
-        return -1
-    _register_inductor_decomposition()
-    return _measured_blocks((rows, out_features, in_features, dtype, torch.get_num_threads()))
+    return True
 
 
 def measured_linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -212,10 +210,9 @@ def measured_linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Ten
     if plain:
         return module(hidden_states)
     if torch.compiler.is_compiling():
-        num_blocks = _traced_blocks(rows.shape[0], *weight.shape, weight.dtype)
-        if num_blocks < 0:
+        if not _routed_in_graphs():
             return module(hidden_states)
-        out = decoding_linear(rows, weight, num_blocks)
+        out = decoding_linear(rows, weight)
     else:
         num_blocks = _measured_blocks((rows.shape[0], *weight.shape, weight.dtype, torch.get_num_threads()), weight)
         if num_blocks == 0:

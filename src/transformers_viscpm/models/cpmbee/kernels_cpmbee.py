@@ -26,6 +26,11 @@ _MEASURED_BLOCKS: dict[tuple[int, int, int, torch.dtype, int], int] = {}
 _MEASURED_REDUCTIONS: dict[tuple[int, int, int, torch.dtype, int], bool] = {}
 
 
+def _route_key(rows: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, torch.dtype, int]:
+    """What a route is measured for: (rows, out_features, in_features, dtype, threads)."""
+    return (rows.shape[0], *weight.shape, weight.dtype, torch.get_num_threads())
+
+
 def _stock_kernels() -> bool:
     """`VISCPM_MEASURED_LINEAR=0` keeps `F.linear` everywhere (the same kernels on every run)."""
     return os.environ.get("VISCPM_MEASURED_LINEAR", "1") == "0"
@@ -136,8 +141,7 @@ def _measured_reductions(key: tuple[int, int, int, torch.dtype, int], num_blocks
 def _decoding_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A decoding step's `F.linear(rows, weight)` in a compiled graph: the eager route measured for it, chosen when it
     runs (a graph that runs eagerly, `aot_eager`, or symbolic sizes); the inductor decomposes it by shape instead."""
-    key = (rows.shape[0], *weight.shape, weight.dtype, torch.get_num_threads())
-    return _eager_linear(rows, weight, _measured_blocks(key, weight))
+    return _eager_linear(rows, weight, _measured_blocks(_route_key(rows, weight), weight))
 
 
 def _decoding_linear_shape(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -158,7 +162,7 @@ def _inductor_decoding_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
-    key = (rows.shape[0], *weight.shape, weight.dtype, torch.get_num_threads())
+    key = _route_key(rows, weight)
     if not all(type(size) is int for size in key[:3]):
         return NotImplemented
     with unset_fake_temporarily(), disable_proxy_modes_tracing(), torch._guards.tracing(None):
@@ -214,7 +218,7 @@ def measured_linear(module: nn.Linear, hidden_states: torch.Tensor) -> torch.Ten
             return module(hidden_states)
         out = decoding_linear(rows, weight)
     else:
-        num_blocks = _measured_blocks((rows.shape[0], *weight.shape, weight.dtype, torch.get_num_threads()), weight)
+        num_blocks = _measured_blocks(_route_key(rows, weight), weight)
         if num_blocks == 0:
             return module(hidden_states)
         out = _blocked_linear(rows, weight, num_blocks)

@@ -203,6 +203,28 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path) -> None:
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "viscpm: interrupted"
 
 
+def test_ctrl_c_swallowed_by_a_finalizer_still_interrupts() -> None:
+    """Python swallows a Ctrl-C that lands inside a `__del__` ("Exception ignored in ..."; the start-up test above
+    hit one in `regex`): the CLI delivers it again, so the command is interrupted all the same."""
+    script = (
+        "import time\n"
+        "from transformers_viscpm import cli\n"
+        "cli._redeliver_swallowed_interrupts()\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        raise KeyboardInterrupt\n"
+        "try:\n"
+        "    Finalized()\n"
+        "    time.sleep(1)\n"
+        "    print('ran on')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.stdout.strip() == "interrupted", result.stderr[-2000:]
+    assert "Exception ignored" not in result.stderr
+
+
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_quantize_chat_and_paint(demo, tmp_path, bits) -> None:
     """`--quantize` loads VisCPM-Chat, and Paint's text encoder, through the same quantization configs."""

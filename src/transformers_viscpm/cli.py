@@ -12,6 +12,7 @@ that can be checked without them has been: `viscpm --help` and argument errors a
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import math
@@ -353,7 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redeliver_swallowed_interrupts() -> None:
+    """A Ctrl-C that lands inside a finalizer (`__del__`, run by the garbage collector at any moment) is swallowed
+    by Python ("Exception ignored in ..."), and the command would run on to the end: deliver it to the main thread
+    again, so that it interrupts the command where it next runs outside a finalizer."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # From another thread: called here, it would interrupt this hook, which swallows it too.
+            _thread.start_new_thread(_thread.interrupt_main, ())
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _redeliver_swallowed_interrupts()
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         if argv[:1] == ["finetune"]:
